@@ -1,0 +1,1 @@
+"""The `lrs` command line: thin Typer commands over the library."""

@@ -1,0 +1,1 @@
+"""Fused Triton kernels for adapter layers, with torch references and a dispatch."""

@@ -1,0 +1,1 @@
+"""lowrank-surgery: surgery on low-rank adapters of large language models."""
