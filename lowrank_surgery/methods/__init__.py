@@ -1,1 +1,32 @@
-"""One module per adapter method."""
+"""The method registry: one module per adapter method, all behind the `Method` interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..adapter import AdapterConfig
+from ..errors import LrsError
+from .base import Method
+from .lora import LoRA
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LoRA,)}
+
+
+def get_method(config: AdapterConfig) -> Method:
+    """The method object for a config."""
+    try:
+        return METHODS[config.method](config)
+    except KeyError:
+        raise LrsError(f"unknown method {config.method!r} (known: {', '.join(METHODS)})") from None
+
+
+def method_from_json(data: dict[str, Any]) -> Method:
+    """Pick the method from adapter_config.json: the `lrs` block first, then PEFT's peft_type."""
+    declared = (data.get("lrs") or {}).get("method")
+    peft_type = str(data.get("peft_type", "")).upper()
+    candidates = [cls for cls in METHODS.values() if peft_type in cls.peft_types()]
+    if not candidates:
+        known = sorted({t for cls in METHODS.values() for t in cls.peft_types()})
+        raise LrsError(f"adapter peft_type {data.get('peft_type')!r} is not supported (known: {', '.join(known)})")
+    cls = next((c for c in candidates if c.name == declared), candidates[0])
+    return cls(cls.config_from_json(data))

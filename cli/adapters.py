@@ -1,0 +1,59 @@
+"""`lrs init`: create an adapter for a base model."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from ..adapter import save_adapter
+from ..checkpoint import check_output
+from ..initialize import init_adapter
+from .base import app, say
+
+METHOD_HELP = "Method-specific options (an error if given for another method)."
+
+
+class MethodName(str, Enum):
+    lora = "lora"
+    cora = "cora"
+    pissa = "pissa"
+    cola = "cola"
+    fossil = "fossil"
+
+
+@app.command(epilog="Example: lrs init --method cola --base ./SmolLM2-135M --out cola-adapter --rank 8 --targets all-linear")
+def init(
+    method: MethodName = typer.Option(..., "--method", help="Adapter method."),
+    base: str = typer.Option(..., "--base", help="Base model: local directory, .safetensors file or Hub id."),
+    out: Path = typer.Option(..., "--out", help="Adapter directory to write."),
+    rank: int = typer.Option(8, "--rank", "-r", help="Rank r."),
+    alpha: float = typer.Option(None, "--alpha", help="Scaling numerator α (s = α/r); default r."),
+    targets: str = typer.Option(None, "--targets", help="Comma list of module names or regexes, or all-linear."),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on the adapter input during training."),
+    rslora: bool = typer.Option(False, "--rslora", help="Scale by α/√r instead of α/r."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random initialisation."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision of --base."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    subspace: Path = typer.Option(None, "--subspace", help="cora: subspace directory from extract-subspace.", rich_help_panel=METHOD_HELP),
+    cora_mode: str = typer.Option(None, "--cora-mode", help="cora: frozen (B fixed) or init (B trains).", rich_help_panel=METHOD_HELP),
+    a_init: str = typer.Option(None, "--a-init", help="cora: zeros or kaiming.", rich_help_panel=METHOD_HELP),
+    init_svd: str = typer.Option(None, "--init-svd", help="pissa, cola: exact or randomized SVD.", rich_help_panel=METHOD_HELP),
+    niter: int = typer.Option(None, "--niter", help="pissa, cola: power iterations of the randomized SVD.", rich_help_panel=METHOD_HELP),
+    num_a: int = typer.Option(None, "--num-a", help="cola: number of A matrices (default 2).", rich_help_panel=METHOD_HELP),
+    num_b: int = typer.Option(None, "--num-b", help="cola: number of B matrices (default 3).", rich_help_panel=METHOD_HELP),
+    strategy: str = typer.Option(None, "--strategy", help="cola: fully, heuristic or random.", rich_help_panel=METHOD_HELP),
+    variant: str = typer.Option(None, "--variant", help="fossil: balance, bat or mini.", rich_help_panel=METHOD_HELP),
+    mini_r: int = typer.Option(None, "--mini-r", help="fossil mini: block width along the output.", rich_help_panel=METHOD_HELP),
+) -> None:
+    """Initialise a LoRA, CoRA, PiSSA, CoLA or FOSSIL adapter for a base checkpoint."""
+    check_output(out, force)
+    given = {"subspace": str(subspace) if subspace else None, "cora_mode": cora_mode, "a_init": a_init,
+             "init_svd": init_svd, "niter": niter, "num_a": num_a, "num_b": num_b, "strategy": strategy,
+             "variant": variant, "mini_r": mini_r}
+    adapter = init_adapter(method.value, base, r=rank, alpha=alpha, targets=targets, dropout=dropout, rslora=rslora,
+                           seed=seed, revision=revision, options={k: v for k, v in given.items() if v is not None})
+    save_adapter(adapter, out, force=force)
+    say(f"wrote {method.value} adapter to {out}: {len(adapter.weights)} modules, "
+        f"{adapter.num_parameters(trainable_only=True):,} trainable parameters")

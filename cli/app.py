@@ -1,0 +1,46 @@
+"""Entry point of the `lrs` console script: global flags, command registration, error reporting."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .. import progress
+from ..errors import LrsError
+from . import adapters, inspect  # noqa: F401  (commands register themselves on import)
+from .base import STATE, app
+
+GLOBAL_FLAGS = ("--debug", "--quiet")
+
+
+@app.callback()
+def _global(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or chatter."),
+) -> None:
+    """lowrank-surgery: low-rank adapter surgery for LLMs (CoRA, PiSSA, CoLA, FOSSIL, LoRA)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: user errors print one line on stderr and exit 1 (tracebacks only with --debug)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for flag in GLOBAL_FLAGS:  # accepted anywhere on the line, not only before the command
+        STATE[flag[2:]] = flag in args
+        args = [a for a in args if a != flag]
+    progress.QUIET = STATE["quiet"]
+    try:
+        app(args=args, prog_name="lrs")
+    except LrsError as exc:
+        _fail(exc, str(exc))
+    except OSError as exc:
+        _fail(exc, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+    except KeyboardInterrupt as exc:
+        _fail(exc, "interrupted; nothing was written", code=130)
+
+
+def _fail(exc: BaseException, message: str, code: int = 1) -> None:
+    if STATE["debug"]:
+        raise exc
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(code)

@@ -1,0 +1,46 @@
+"""The Typer app and the few helpers every command shares."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    name="lrs",
+    help="lowrank-surgery: low-rank adapter surgery for LLMs (CoRA, PiSSA, CoLA, FOSSIL, LoRA).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+STATE = {"quiet": False, "debug": False}
+
+
+def say(message: str) -> None:
+    """A line for the user on stdout, unless --quiet."""
+    if not STATE["quiet"]:
+        typer.echo(message)
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(row) for row in cells])
+
+
+def is_terminal() -> bool:
+    return sys.stdout.isatty()

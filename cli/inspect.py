@@ -1,0 +1,20 @@
+"""`lrs inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..inspect import format_summary, inspect_path
+from .base import app, print_json
+
+
+@app.command(epilog="Example: lrs inspect ./SmolLM2-135M --json")
+def inspect(
+    path: Path = typer.Argument(..., help="A checkpoint (directory or .safetensors), adapter or subspace directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Summarise a checkpoint, an adapter or a subspace: tensors, dtypes, shards, method, targets, rank."""
+    info = inspect_path(path)
+    print_json(info) if as_json else typer.echo(format_summary(info))

@@ -1,0 +1,159 @@
+"""The adapter directory: adapter_config.json + adapter_model.safetensors, laid out like PEFT."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .checkpoint import atomic_output, load_tensors, save_tensors
+from .errors import LrsError
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lowrank-surgery")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class AdapterConfig:
+    """Everything about an adapter but its tensors. `options` holds the method's own settings."""
+
+    method: str
+    r: int
+    alpha: float
+    target_modules: list[str]
+    dropout: float = 0.0
+    rslora: bool = False
+    fan_in_fan_out: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    base_model: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def rank(self, path: str) -> int:
+        return _lookup(self.rank_pattern, path, self.r)
+
+    def scale(self, path: str) -> float:
+        """s = α/r, or α/√r with rsLoRA, honouring PEFT's per-module rank and alpha patterns."""
+        r, alpha = self.rank(path), _lookup(self.alpha_pattern, path, self.alpha)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def lrs_block(self) -> dict[str, Any]:
+        """The `lrs` block of adapter_config.json: method, its options and where the adapter came from."""
+        return {"method": self.method, "r": self.r, "alpha": self.alpha, **self.options,
+                **self.provenance, "version": package_version()}
+
+
+def _lookup(pattern: dict, path: str, default):
+    """PEFT's pattern rule: a key matches a module path exactly or as a dotted suffix/regex."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+@dataclass
+class Adapter:
+    """An adapter in memory: its config and, per module path, its named tensors."""
+
+    config: AdapterConfig
+    weights: dict[str, dict[str, torch.Tensor]]
+
+    @property
+    def method(self) -> Method:
+        from .methods import get_method
+
+        return get_method(self.config)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.weights)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        frozen = self.method.frozen if trainable_only else set()
+        return sum(t.numel() for params in self.weights.values() for n, t in params.items() if n not in frozen)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """PEFT-layout keys: base_model.model.<module path>.<param>."""
+        return {f"{KEY_PREFIX}{path}.{name}": t.contiguous() for path, params in self.weights.items()
+                for name, t in params.items()}
+
+
+def save_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False, card: str | None = None) -> Path:
+    """Write the adapter directory atomically (temporary sibling, renamed into place)."""
+    out = Path(out)
+    with atomic_output(out, force) as tmp:
+        write_adapter_files(adapter, tmp, card)
+    return out
+
+
+def write_adapter_files(adapter: Adapter, directory: Path, card: str | None = None) -> None:
+    """Write config, weights and model card into an existing directory."""
+    config = adapter.method.to_json()
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    save_tensors(adapter.state_dict(), directory / WEIGHTS_NAME)
+    if card is None:
+        from .cards import adapter_card
+
+        card = adapter_card(adapter)
+    (directory / "README.md").write_text(card)
+
+
+def read_config(path: Path) -> dict:
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise LrsError(f"{path}: not an adapter directory (no {CONFIG_NAME})")
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LrsError(f"{config_path}: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise LrsError(f"{config_path}: not a JSON object")
+    return data
+
+
+def load_adapter(path: str | os.PathLike) -> Adapter:
+    """Read an adapter directory written by lrs, PEFT (LoRA, MiSS, Bone) or the original CoLA code."""
+    from .methods import method_from_json
+
+    path = Path(path)
+    if not path.exists():
+        raise LrsError(f"no such file or directory: {path}")
+    method = method_from_json(read_config(path))
+    weights_path = path / WEIGHTS_NAME
+    if not weights_path.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise LrsError(f"{path} holds a pickled adapter_model.bin; convert it to safetensors first")
+        raise LrsError(f"{path}: no {WEIGHTS_NAME}")
+    weights = method.split_keys(load_tensors(weights_path))
+    adapter = Adapter(method.config, weights)
+    method.check_weights(adapter.weights)
+    return adapter
+
+
+def split_key(key: str, param_names: tuple[str, ...]) -> tuple[str, str] | None:
+    """'base_model.model.x.q_proj.lora_A.weight' -> ('x.q_proj', 'lora_A.weight'), or None."""
+    body = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+    for name in param_names:
+        if body.endswith("." + name):
+            return body[: -len(name) - 1], name
+    return None

@@ -1,0 +1,427 @@
+"""Checkpoint I/O: resolve a MODEL argument, read tensors lazily shard by shard, write shards atomically.
+
+The safetensors format is simple enough to read and write directly: an 8-byte little-endian header
+length, a JSON header mapping names to dtype/shape/byte offsets, then the raw bytes. Doing it here
+lets `merge` copy untouched tensors byte for byte and write output shards as it goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import struct
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LrsError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+              "added_tokens.json", "chat_template.jinja", "chat_template.json")
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, from the shard header alone."""
+
+    name: str
+    shard: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the shard file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ModelSource:
+    """A resolved MODEL argument: a local path, plus the Hub id and revision it came from."""
+
+    path: Path
+    id: str
+    revision: str | None = None
+
+
+def resolve_model(model: str | os.PathLike, revision: str | None = None, allow_pickle: bool = False) -> ModelSource:
+    """Resolve a local directory, a single file or a Hub model id (through the huggingface_hub cache)."""
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        return ModelSource(path.resolve(), text, revision)
+    if _looks_like_path(text):
+        raise LrsError(f"no such file or directory: {text}")
+    return _download(text, revision, allow_pickle)
+
+
+def _looks_like_path(text: str) -> bool:
+    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+            or text.endswith((".safetensors", ".bin", ".json")) or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", text))
+
+
+def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    try:
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    except RepositoryNotFoundError:
+        raise LrsError(f"{repo_id}: not a local path and not a model on the Hub") from None
+    except LocalEntryNotFoundError:
+        raise LrsError(f"{repo_id}: not a local path, and not in the Hub cache (offline or no network)") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise LrsError(f"{repo_id}: could not fetch from the Hub: {str(exc).splitlines()[0]}") from None
+    return ModelSource(Path(local), repo_id, revision or _cached_commit(local))
+
+
+def _cached_commit(local: str) -> str | None:
+    """The commit hash of a snapshot directory in the Hub cache (its folder name)."""
+    name = Path(local).name
+    return name if re.fullmatch(r"[0-9a-f]{40}", name) else None
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: tensors by name, and the metadata."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LrsError(f"corrupt safetensors file {path}: shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(MAX_HEADER, size - 8):
+            raise LrsError(f"corrupt safetensors file {path}: header length {length} exceeds the file")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise LrsError(f"corrupt safetensors file {path}: header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise LrsError(f"corrupt safetensors file {path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + length
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            start, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise LrsError(f"corrupt safetensors file {path}: bad header entry for {name}") from None
+        if not 0 <= start <= end or base + end > size:
+            raise LrsError(f"corrupt safetensors file {path}: tensor {name} lies beyond the end of the file (truncated?)")
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise LrsError(f"corrupt safetensors file {path}: tensor {name} has {end - start} bytes for shape {list(shape)}")
+        tensors[name] = TensorInfo(name, path, dtype, shape, base + start, base + end)
+    return dict(sorted(tensors.items(), key=lambda item: item[1].start)), metadata
+
+
+class Checkpoint:
+    """A lazily read checkpoint: headers up front, tensor data one shard at a time."""
+
+    def __init__(self, model: str | os.PathLike | ModelSource, revision: str | None = None, allow_pickle: bool = False):
+        self.source = model if isinstance(model, ModelSource) else resolve_model(model, revision, allow_pickle)
+        self.path = self.source.path
+        self.dir = self.path if self.path.is_dir() else self.path.parent
+        self.shards = self._find_shards(allow_pickle)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        for shard in self.shards:
+            if shard.suffix == ".bin":
+                self._load_pickle(shard)
+            else:
+                self.tensors.update(read_header(shard)[0])
+        self.config: dict = self._read_json("config.json") if self.path.is_dir() else {}
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.source.id!r}, {len(self.shards)} shard(s), {len(self.tensors)} tensors)"
+
+    def _find_shards(self, allow_pickle: bool) -> list[Path]:
+        if self.path.is_file():
+            if self.path.suffix == ".safetensors":
+                return [self.path]
+            if self.path.suffix in (".bin", ".pt", ".pth"):
+                return [self._check_pickle(self.path, allow_pickle)]
+            raise LrsError(f"{self.path}: not a .safetensors file")
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            weight_map = self._read_json(INDEX_NAME).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise LrsError(f"{index}: no weight_map")
+            shards = [self.path / f for f in sorted(set(weight_map.values()))]
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise LrsError(f"{index} lists shard {missing[0]}, which is missing")
+            return shards
+        shards = sorted(self.path.glob("*.safetensors"))
+        if shards:
+            return shards
+        pickles = sorted(self.path.glob("*.bin"))
+        if pickles:
+            return [self._check_pickle(p, allow_pickle) for p in pickles]
+        raise LrsError(f"{self.path}: no weights found (expected model.safetensors or {INDEX_NAME})")
+
+    @staticmethod
+    def _check_pickle(path: Path, allow_pickle: bool) -> Path:
+        if not allow_pickle:
+            raise LrsError(f"{path} is a pickled checkpoint; pass --allow-pickle to load it with torch.load(weights_only=True)")
+        return path
+
+    def _load_pickle(self, shard: Path) -> None:
+        try:
+            state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many kinds for a bad or unsafe pickle
+            raise LrsError(f"{shard}: cannot load with torch.load(weights_only=True): {str(exc).splitlines()[0]}") from None
+        self._pickled[shard] = state
+        for name, t in state.items():
+            self.tensors[name] = TensorInfo(name, shard, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
+
+    def _read_json(self, name: str) -> dict:
+        path = self.path / name
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LrsError(f"{path}: not valid JSON") from None
+
+    @property
+    def is_sharded(self) -> bool:
+        return len(self.shards) > 1 or (self.dir / INDEX_NAME).is_file()
+
+    def names(self, shard: Path | None = None) -> list[str]:
+        """Tensor names, in file order, of one shard or of the whole checkpoint."""
+        return [n for n, info in self.tensors.items() if shard is None or info.shard == shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory."""
+        info = self.info(name)
+        if info.shard in self._pickled:
+            return self._pickled[info.shard][name]
+        with open(info.shard, "rb") as f:
+            f.seek(info.start)
+            data = bytearray(f.read(info.nbytes))
+        if len(data) != info.nbytes:
+            raise LrsError(f"corrupt safetensors file {info.shard}: tensor {name} is truncated")
+        if not data:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(data, dtype=info.dtype).reshape(info.shape)
+
+    def raw(self, name: str) -> bytes | torch.Tensor:
+        """The tensor's stored bytes (a tensor for pickled shards), for copying without decoding."""
+        info = self.info(name)
+        if info.shard in self._pickled:
+            return self._pickled[info.shard][name]
+        with open(info.shard, "rb") as f:
+            f.seek(info.start)
+            return f.read(info.nbytes)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise LrsError(f"tensor {name} not found in {self.source.id}") from None
+
+    def side_files(self) -> list[Path]:
+        """config, generation config and tokenizer files to copy next to derived checkpoints."""
+        return [self.dir / n for n in SIDE_FILES if (self.dir / n).is_file()] if self.path.is_dir() else []
+
+    def fingerprint(self) -> str:
+        """A cheap identity: a hash of the shard headers (names, dtypes, shapes, sizes)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for info in self.tensors.values():
+            h.update(f"{info.name}:{info.dtype}:{info.shape}:{info.nbytes};".encode())
+        return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class PlannedTensor:
+    """A tensor to be written, known before its data is (so headers can go first)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file: the header from a plan, then each tensor's bytes in plan order."""
+
+    def __init__(self, path: Path, plan: Sequence[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.path, self.plan, self._next = path, list(plan), 0
+        header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        for t in self.plan:
+            header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # align data to 8 bytes, as the reference writer does
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, name: str, data: torch.Tensor | bytes) -> None:
+        expected = self.plan[self._next]
+        if name != expected.name:
+            raise RuntimeError(f"writer expected {expected.name}, got {name}")
+        if isinstance(data, torch.Tensor):
+            if data.dtype != expected.dtype or tuple(data.shape) != expected.shape:
+                raise RuntimeError(f"{name}: planned {expected.dtype}{list(expected.shape)}, got {data.dtype}{list(data.shape)}")
+            data = _tensor_bytes(data)
+        if len(data) != expected.nbytes:
+            raise RuntimeError(f"{name}: planned {expected.nbytes} bytes, got {len(data)}")
+        self._file.write(data)
+        self._next += 1
+
+    def close(self) -> None:
+        self._file.close()
+        if self._next != len(self.plan):
+            raise RuntimeError(f"{self.path}: {len(self.plan) - self._next} planned tensors were never written")
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise LrsError(f"not a size: {text!r} (expected e.g. 5GB or 500MB)")
+    number, unit, binary = m.groups()
+    power = "KMGT".find(unit.upper()) + 1 if unit else 0
+    return int(float(number) * (1024 if binary else 1000) ** power)
+
+
+def plan_shards(tensors: Sequence[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards of at most max_shard_size bytes (a larger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    """Hugging Face shard file names for `count` shards."""
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_index(out_dir: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str]) -> None:
+    """Write model.safetensors.index.json for a sharded checkpoint."""
+    weight_map = {t.name: file for file, shard in zip(names, shards) for t in shard}
+    total = sum(t.nbytes for shard in shards for t in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a small dict of tensors to one safetensors file."""
+    plan = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    writer = SafetensorsWriter(path, plan, metadata)
+    for name, t in tensors.items():
+        writer.write(name, t)
+    writer.close()
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read every tensor of one (small) safetensors file, validating its header first."""
+    ckpt = Checkpoint(ModelSource(path, str(path)))
+    return {name: ckpt.get(name) for name in ckpt.names()}
+
+
+# --------------------------------------------------------------------------------------------- atomic output
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an existing OUT unless --force, before any work is done."""
+    if out.exists() and not force:
+        raise LrsError(f"{out} already exists; pass --force to overwrite it")
+    if not out.parent.exists():
+        raise LrsError(f"parent directory of {out} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of OUT; rename it into place only if the body completes."""
+    out = Path(out)
+    check_output(out, force)
+    tmp = out.parent / f".{out.name}.lrs-tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        with _sigterm_as_interrupt():
+            yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise LrsError(f"no space left on device while writing {out} (nothing was written)") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.lrs-old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(out)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so a killed run still removes its temporary output."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,71 @@
+"""`lrs init`: build a fresh adapter for a base checkpoint, for any registered method."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .adapter import Adapter, AdapterConfig
+from .checkpoint import Checkpoint
+from .errors import LrsError
+from .methods import METHODS, get_method
+from .progress import progress
+from .targets import Target, compact_names, linear_targets, select_targets
+
+
+def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 8, alpha: float | None = None,
+                 targets: str | Sequence[str] | None = None, dropout: float = 0.0, rslora: bool = False,
+                 seed: int = 0, revision: str | None = None, options: dict[str, Any] | None = None) -> Adapter:
+    """Initialise a `method` adapter (lora, cora, pissa, cola, fossil) for the linear modules of `base`."""
+    if method not in METHODS:
+        raise LrsError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    if r < 1:
+        raise LrsError(f"--rank must be at least 1, got {r}")
+    if not 0.0 <= dropout < 1.0:
+        raise LrsError(f"--dropout must be in [0, 1), got {dropout}")
+    cls = METHODS[method]
+    unknown = sorted(set(options or {}) - set(cls.defaults))
+    if unknown:
+        raise LrsError(f"--{unknown[0].replace('_', '-')} does not apply to --method {method}")
+    options = {**cls.defaults, **(options or {})}
+    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision)
+    spec = targets if targets is not None else cls.default_targets(options)
+    chosen = select_targets(ckpt, spec)
+    config = AdapterConfig(
+        method=method, r=r, alpha=float(alpha if alpha is not None else r),
+        target_modules=compact_names(chosen, linear_targets(ckpt)), dropout=dropout, rslora=rslora,
+        fan_in_fan_out=any(t.conv1d for t in chosen), options=options, base_model=ckpt.source.id,
+        provenance={"base": ckpt.source.id, "base_revision": ckpt.source.revision,
+                    "base_hash": ckpt.fingerprint(), "seed": seed},
+    )
+    impl = get_method(config)
+    for t in chosen:
+        impl.validate(t)
+    generator = torch.Generator().manual_seed(seed)
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for batch, mats in _batches(ckpt, chosen, impl.needs_base_weight):
+        for t, params in zip(batch, impl.init(batch, mats, generator)):
+            weights[t.path] = params
+    return Adapter(impl.config, weights)
+
+
+def _batches(ckpt: Checkpoint, targets: list[Target], with_weights: bool
+             ) -> Iterator[tuple[list[Target], list[torch.Tensor] | None]]:
+    """All targets at once, or shard by shard with their float32 weights when the method reads W."""
+    if not with_weights:
+        yield targets, None
+        return
+    by_shard: dict = {}
+    for t in targets:
+        by_shard.setdefault(ckpt.info(t.weight).shard, []).append(t)
+    for batch in progress(by_shard.values(), "init", total=len(by_shard), unit="shard"):
+        yield batch, [load_weight(ckpt, t) for t in batch]
+
+
+def load_weight(ckpt: Checkpoint, target: Target) -> torch.Tensor:
+    """A target's weight in nn.Linear layout (out × in), float32."""
+    w = ckpt.get(target.weight).float()
+    return w.T.contiguous() if target.conv1d else w

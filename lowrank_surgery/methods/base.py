@@ -1,0 +1,139 @@
+"""The interface every method implements: its parameters, init, ΔW and training forward.
+
+Merge, unmerge, export, the training layer and the kernels are all derived from these few
+functions, so nothing downstream ever needs to know a method's name. Most methods are a
+low-rank pair: ΔW = s·B_eff·A_eff, given by `pair`; the rest override `delta` (and `forward`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..adapter import AdapterConfig, split_key
+from ..errors import LrsError
+from ..targets import Target
+
+if TYPE_CHECKING:
+    from ..attach import AdapterLayer
+
+Params = Mapping[str, torch.Tensor]
+
+
+class Method:
+    """One adapter method, bound to its config."""
+
+    name: ClassVar[str]
+    peft_type: ClassVar[str]
+    needs_base_weight: ClassVar[bool] = False  # init (or ΔW) reads the base weight W
+    defaults: ClassVar[dict[str, Any]] = {}  # the method's own options (AdapterConfig.options) and their defaults
+
+    def __init__(self, config: AdapterConfig):
+        self.config = config
+
+    @classmethod
+    def peft_types(cls) -> tuple[str, ...]:
+        """peft_type values this method reads (the first is the one it writes)."""
+        return (cls.peft_type,)
+
+    @classmethod
+    def default_targets(cls, options: dict[str, Any]) -> str:
+        """--targets when the user gives none."""
+        return "all-linear"
+
+    @classmethod
+    def config_from_json(cls, data: dict[str, Any]) -> AdapterConfig:
+        """An AdapterConfig from adapter_config.json contents."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Tensor names under each module path, as stored on disk."""
+        raise NotImplementedError
+
+    @property
+    def frozen(self) -> set[str]:
+        """Parameter names that never train."""
+        return set()
+
+    def param_shapes(self, target: Target) -> dict[str, tuple[int, ...]]:
+        """Expected shape of every parameter for a module of this shape."""
+        raise NotImplementedError
+
+    def validate(self, target: Target) -> None:
+        """Raise LrsError (naming module and shapes) if the method cannot adapt this module."""
+        r = self.config.rank(target.path)
+        if r < 1 or r > min(target.out_features, target.in_features):
+            raise LrsError(f"rank {r} is larger than {target.path} allows (shape {target.out_features}x{target.in_features})")
+
+    def init(self, targets: Sequence[Target], weights: Sequence[torch.Tensor] | None,
+             generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+        """Initial parameters for a batch of modules (weights given, float32, when needs_base_weight)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ maths
+    def pair(self, params: Params, training: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B_eff, A_eff) with ΔW = s·B_eff·A_eff, or None when ΔW is not low-rank."""
+        return None
+
+    def delta(self, params: Params, weight: torch.Tensor | None, path: str) -> torch.Tensor:
+        """ΔW in nn.Linear layout (out × in), float32."""
+        pair = self.pair(params)
+        if pair is None:
+            raise NotImplementedError(f"{self.name} must override delta()")
+        b, a = (t.float() for t in pair)
+        return (b @ a) * self.config.scale(path)
+
+    def merge(self, weight: torch.Tensor, params: Params, path: str) -> torch.Tensor:
+        """W' = W + ΔW, in float32 (or float64 where a method needs it)."""
+        w = weight.float()
+        return w + self.delta(params, w, path)
+
+    def unmerge(self, merged: torch.Tensor, params: Params, path: str) -> torch.Tensor:
+        """The W with merge(W) = merged."""
+        w = merged.float()
+        return w - self.delta(params, None, path)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
+        """The adapted layer's output; low-rank methods go through the fused low-rank kernel."""
+        from .. import kernels
+
+        b, a = self.pair(layer.params(), training=layer.training)
+        dropout = self.config.dropout if layer.training else 0.0
+        return kernels.lowrank_linear(x, layer.weight, layer.bias, a, b, self.config.scale(layer.path), dropout)
+
+    # ------------------------------------------------------------------ files
+    def to_json(self) -> dict[str, Any]:
+        """adapter_config.json contents: the PEFT fields plus the `lrs` block."""
+        raise NotImplementedError
+
+    def split_keys(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Group state-dict keys by module path; keys that do not fit the method are an error."""
+        weights: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            parts = split_key(key, self.param_names)
+            if parts is None:
+                raise LrsError(f"adapter declares method {self.name} but has key {key} "
+                               f"(expected names ending in {', '.join(self.param_names)})")
+            weights.setdefault(parts[0], {})[parts[1]] = tensor
+        if not weights:
+            raise LrsError(f"adapter declares method {self.name} but holds no tensors")
+        return weights
+
+    def check_weights(self, weights: Mapping[str, Params]) -> None:
+        """Every module has exactly this method's parameters."""
+        for path, params in weights.items():
+            missing = set(self.param_names) - set(params)
+            if missing:
+                raise LrsError(f"adapter module {path} lacks {', '.join(sorted(missing))} for method {self.name}")
+
+    def check_fits(self, target: Target, params: Params) -> None:
+        """The parameters have the shapes this method needs for the base module `target`."""
+        for name, shape in self.param_shapes(target).items():
+            if tuple(params[name].shape) != shape:
+                raise LrsError(f"adapter does not fit the base: {target.path}.{name} has shape {list(params[name].shape)}, "
+                               f"but base module {target.path} ({target.out_features}x{target.in_features}) needs {list(shape)}")

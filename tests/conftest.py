@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny models of real architectures, saved in several shards, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHARD = "120KB"
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=64)
+    return Qwen2ForCausalLM(cfg)
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=True)
+    return GPT2LMHeadModel(cfg)
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=64)
+    return BertModel(cfg, add_pooling_layer=True)
+
+
+BUILDERS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2, "bert": _bert}
+
+
+def build_model(arch: str, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Save a tiny randomly initialised model of a real architecture in several safetensors shards."""
+    torch.manual_seed(seed)
+    model = BUILDERS[arch]().to(dtype).eval()
+    with torch.no_grad():  # larger weights than the default init, so adapters and SVDs see real structure
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path, max_shard_size=SHARD)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """llama (untied, GQA), qwen2 (tied, biases), gpt2 (Conv1D, tied) and bert, each in several shards."""
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_model(arch, root / arch) for arch in BUILDERS}
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def lrs(capsys):
+    """Run the `lrs` CLI in-process: lrs("init", "--method", ...) -> Result(code, stdout, stderr)."""
+    from lowrank_surgery.cli.app import main
+
+    def run(*args: str | Path) -> Result:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+
+    return run
+
+
+def load_causal_lm(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

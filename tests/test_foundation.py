@@ -1,0 +1,222 @@
+"""Checkpoint I/O, target selection, the adapter format, LoRA against PEFT, and the CLI's bad-input contract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lowrank_surgery as lrs
+from lowrank_surgery.checkpoint import (
+    PlannedTensor, SafetensorsWriter, atomic_output, parse_size, plan_shards, shard_names, write_index,
+)
+from lowrank_surgery.errors import LrsError
+from lowrank_surgery.targets import linear_targets
+
+from conftest import load_causal_lm
+
+
+def test_lazy_reader_matches_safetensors(tiny_models):
+    for path in tiny_models.values():
+        ckpt = lrs.Checkpoint(path)
+        assert len(ckpt.shards) > 1
+        expected = {}
+        for shard in ckpt.shards:
+            expected.update(load_file(shard))
+        assert set(ckpt.tensors) == set(expected)
+        for name, tensor in expected.items():
+            info = ckpt.info(name)
+            assert info.shape == tuple(tensor.shape) and info.dtype == tensor.dtype
+            assert torch.equal(ckpt.get(name), tensor)
+
+
+def test_single_file_checkpoint(tmp_path):
+    tensors = {"a.weight": torch.randn(3, 4), "b": torch.arange(5)}
+    save_file(tensors, tmp_path / "one.safetensors")
+    ckpt = lrs.Checkpoint(tmp_path / "one.safetensors")
+    assert sorted(ckpt.names()) == ["a.weight", "b"]
+    assert torch.equal(ckpt.get("b"), tensors["b"])
+
+
+def test_sharded_writer_roundtrip(tmp_path):
+    tensors = {f"t{i}": torch.randn(10, 7 + i).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(6)}
+    plan = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    shards = plan_shards(plan, parse_size("700B"))
+    names = shard_names(len(shards))
+    assert len(shards) > 1 and names[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    for file, shard in zip(names, shards):
+        writer = SafetensorsWriter(tmp_path / file, shard)
+        for t in shard:
+            writer.write(t.name, tensors[t.name])
+        writer.close()
+    write_index(tmp_path, shards, names)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    with safe_open(tmp_path / names[0], "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    back = lrs.Checkpoint(tmp_path)
+    for name, t in tensors.items():
+        assert torch.equal(back.get(name), t)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500MiB") == 500 * 2**20
+    assert parse_size("1024") == 1024
+    with pytest.raises(LrsError):
+        parse_size("lots")
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_output(out) as tmp:
+            (tmp / "half.txt").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output(out) as tmp:
+        (tmp / "done.txt").write_text("1")
+    with pytest.raises(LrsError, match="--force"):
+        with atomic_output(out):
+            pass
+    with atomic_output(out, force=True) as tmp:
+        (tmp / "done.txt").write_text("2")
+    assert (out / "done.txt").read_text() == "2" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_targets_all_linear_and_conv1d(tiny_models):
+    llama = lrs.Checkpoint(tiny_models["llama"])
+    chosen = lrs.select_targets(llama, "all-linear")
+    assert len(chosen) == 14 and all("lm_head" not in t.path and "embed" not in t.path for t in chosen)
+    k = next(t for t in chosen if t.kind == "k_proj")
+    assert k.shape == (32, 64)  # GQA: out < in
+    gpt2 = lrs.Checkpoint(tiny_models["gpt2"])
+    c_fc = next(t for t in linear_targets(gpt2) if t.kind == "c_fc")
+    assert c_fc.conv1d and c_fc.shape == (256, 64)
+    layer1 = lrs.select_targets(llama, r"model\.layers\.1\..*_proj")
+    assert len(layer1) == 7 and all(t.path.startswith("model.layers.1.") for t in layer1)
+    with pytest.raises(LrsError, match="this model has: .*q_proj"):
+        lrs.select_targets(llama, "nothing_here")
+
+
+def _randomize_b(adapter: lrs.Adapter, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for params in adapter.weights.values():
+        b = params["lora_B.weight"]
+        params["lora_B.weight"] = torch.randn(b.shape, generator=gen) * 0.1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert"])
+def test_lora_adapter_matches_peft(tiny_models, tmp_path, arch):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    base = tiny_models[arch]
+    adapter = lrs.init_adapter("lora", base, r=4, alpha=8, targets="all-linear", seed=3)
+    _randomize_b(adapter)
+    lrs.save_adapter(adapter, tmp_path / "ad")
+    loader = AutoModel.from_pretrained if arch == "bert" else load_causal_lm
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    ours = lrs.attach(loader(base).eval(), lrs.load_adapter(tmp_path / "ad"))
+    theirs = PeftModel.from_pretrained(loader(base).eval(), tmp_path / "ad").eval()
+    with torch.no_grad():
+        out_ours, out_theirs, out_base = (_output(m, ids) for m in (ours, theirs, loader(base).eval()))
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
+    assert (out_ours - out_base).abs().max() > 1e-3  # the adapter really changes the output
+
+
+def _output(model, ids):
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def test_attach_trains_only_adapter(tiny_models):
+    model = load_causal_lm(tiny_models["llama"])
+    lrs.attach(model, lrs.init_adapter("lora", tiny_models["llama"], r=2, targets="q_proj,v_proj"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 8 and all("adapter" in n for n in trainable)
+    weights = lrs.trained_weights(model)
+    assert sorted(weights["model.layers.0.self_attn.q_proj"]) == ["lora_A.weight", "lora_B.weight"]
+    lrs.detach(model)
+    assert not any(isinstance(m, lrs.AdapterLayer) for m in model.modules())
+
+
+def test_adapter_keys_must_match_method(tmp_path, tiny_models):
+    adapter = lrs.init_adapter("lora", tiny_models["llama"], r=2, targets="q_proj")
+    lrs.save_adapter(adapter, tmp_path / "ad")
+    tensors = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.miss_block"] = torch.zeros(2, 64)
+    save_file(tensors, tmp_path / "ad" / "adapter_model.safetensors")
+    with pytest.raises(LrsError, match="miss_block"):
+        lrs.load_adapter(tmp_path / "ad")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_help_lists_commands_with_examples(lrs):
+    top = lrs("--help")
+    assert top.code == 0 and "init" in top.stdout and "inspect" in top.stdout
+    for command in ("init", "inspect"):
+        res = lrs(command, "--help")
+        assert res.code == 0 and "Example: lrs " + command in res.stdout
+
+
+def test_cli_init_and_inspect(lrs, llama, tmp_path):
+    res = lrs("init", "--method", "lora", "--base", llama, "--out", tmp_path / "ad", "--targets", "q_proj,v_proj")
+    assert res.code == 0, res.stderr
+    info = json.loads(lrs("inspect", tmp_path / "ad", "--json").stdout)
+    assert info["method"] == "lora" and info["modules"] == 4 and info["rank"] == 8
+    ck = json.loads(lrs("inspect", llama, "--json").stdout)
+    assert ck["kind"] == "checkpoint" and len(ck["shards"]) == 3 and ck["linear_modules"] == 15
+
+
+def _bad(tmp_path, llama):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    truncated = tmp_path / "trunc"
+    shutil.copytree(llama, truncated)
+    shard = sorted(truncated.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    return {
+        "no such file": ["--base", tmp_path / "missing"],
+        "no weights": ["--base", empty],
+        "truncated": ["--base", truncated],
+        "--allow-pickle": ["--base", pickled],
+        "matched no linear module; this model has:": ["--base", llama, "--targets", "nope"],
+        "rank 100 is larger than model.layers.0.": ["--base", llama, "--rank", "100"],
+        "already exists": ["--base", llama, "--out", exists],
+    }
+
+
+def test_bad_input_exits_1_with_one_line(lrs, llama, tmp_path):
+    for expected, args in _bad(tmp_path, llama).items():
+        out = tmp_path / "out"
+        if "--out" not in args:
+            args = args + ["--out", out]
+        res = lrs("init", "--method", "lora", *args)
+        assert res.code == 1, (expected, res)
+        assert expected in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if ".lrs-tmp" in p.name]
+
+
+def test_bad_usage_exits_2(lrs):
+    assert lrs("init", "--method", "nonsense").code == 2
+
+
+def test_pickle_only_with_weights_only(tmp_path):
+    torch.save({"layer.weight": torch.ones(3, 2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(LrsError, match="--allow-pickle"):
+        lrs.Checkpoint(tmp_path)
+    ckpt = lrs.Checkpoint(tmp_path, allow_pickle=True)
+    assert torch.equal(ckpt.get("layer.weight"), torch.ones(3, 2))
