@@ -220,3 +220,20 @@ def test_pickle_only_with_weights_only(tmp_path):
         lrs.Checkpoint(tmp_path)
     ckpt = lrs.Checkpoint(tmp_path, allow_pickle=True)
     assert torch.equal(ckpt.get("layer.weight"), torch.ones(3, 2))
+
+
+def test_hub_id_resolves_from_cache_offline(tmp_path, monkeypatch, llama):
+    """A Hub id is served from the huggingface_hub cache (HF_HUB_OFFLINE), at the cached revision."""
+    commit = "a" * 40
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / commit
+    shutil.copytree(llama, snapshot)
+    refs = tmp_path / "hub" / "models--acme--tiny-llama" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    ckpt = lrs.Checkpoint("acme/tiny-llama")
+    assert ckpt.source.revision == commit and len(ckpt.shards) == 3
+    with pytest.raises(LrsError, match="not in the Hub cache"):
+        lrs.Checkpoint("acme/absent-model")
