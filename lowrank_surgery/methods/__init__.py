@@ -7,9 +7,10 @@ from typing import Any
 from ..adapter import AdapterConfig
 from ..errors import LrsError
 from .base import Method
+from .fossil import Fossil
 from .lora import LoRA
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LoRA,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LoRA, Fossil)}
 
 
 def get_method(config: AdapterConfig) -> Method:

@@ -75,13 +75,17 @@ class Method:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ maths
-    def pair(self, params: Params, training: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(B_eff, A_eff) with ΔW = s·B_eff·A_eff, or None when ΔW is not low-rank."""
+    def pair(self, params: Params, training: bool = False,
+             shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B_eff, A_eff) with ΔW = s·B_eff·A_eff, or None when ΔW is not low-rank.
+
+        `shape` is the module's (out, in): methods whose parameters do not carry it (FOSSIL's fold) need it.
+        """
         return None
 
     def delta(self, params: Params, weight: torch.Tensor | None, path: str) -> torch.Tensor:
         """ΔW in nn.Linear layout (out × in), float32."""
-        pair = self.pair(params)
+        pair = self.pair(params, shape=None if weight is None else tuple(weight.shape))
         if pair is None:
             raise NotImplementedError(f"{self.name} must override delta()")
         b, a = (t.float() for t in pair)
@@ -102,7 +106,7 @@ class Method:
         """The adapted layer's output; low-rank methods go through the fused low-rank kernel."""
         from .. import kernels
 
-        b, a = self.pair(layer.params(), training=layer.training)
+        b, a = self.pair(layer.params(), training=layer.training, shape=tuple(layer.weight.shape))
         dropout = self.config.dropout if layer.training else 0.0
         return kernels.lowrank_linear(x, layer.weight, layer.bias, a, b, self.config.scale(layer.path), dropout)
 

@@ -1,0 +1,125 @@
+"""FOSSIL against PEFT's MiSS (the oracle): outputs, merged weights, bat's exact inverse, Bone import, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lowrank_surgery as lrs
+from lowrank_surgery.errors import LrsError
+
+from conftest import load_causal_lm
+
+# balance with r=5: in_features 64 and 96 are not multiples of r, so the fold pads x.
+VARIANTS = {"balance": (5, {}), "mini": (4, {"variant": "mini", "mini_r": 8}), "bat": (8, {"variant": "bat"})}
+
+
+def _fossil(base, variant: str, seed: int = 1, scale: float = 0.05) -> lrs.Adapter:
+    """A FOSSIL adapter on every linear of `base` with random non-zero blocks."""
+    r, options = VARIANTS[variant]
+    adapter = lrs.init_adapter("fossil", base, r=r, alpha=3.0, targets="all-linear", options=options)
+    gen = torch.Generator().manual_seed(seed)
+    for params in adapter.weights.values():
+        assert not params["miss_block"].any()  # zeros at init
+        params["miss_block"] = torch.randn(params["miss_block"].shape, generator=gen) * scale
+    return adapter
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {n[: -len(".weight")]: p.detach() for n, p in model.named_parameters() if n.endswith("_proj.weight")}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fossil_matches_peft_miss(llama, tmp_path, variant):
+    from peft import PeftModel
+
+    adapter = _fossil(llama, variant)
+    lrs.save_adapter(adapter, tmp_path / "ad")
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MISS" and config["init_weights"] == {"balance": True}.get(variant, variant)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    ours = lrs.attach(load_causal_lm(llama), lrs.load_adapter(tmp_path / "ad"))
+    theirs = PeftModel.from_pretrained(load_causal_lm(llama), tmp_path / "ad").eval()
+    with torch.no_grad():
+        out_ours, out_theirs, out_base = (m(input_ids=ids).logits for m in (ours, theirs, load_causal_lm(llama)))
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
+    assert (out_ours - out_base).abs().max() > 1e-3
+
+    base_w = _weights(load_causal_lm(llama))
+    merged = _weights(theirs.merge_and_unload())
+    method = adapter.method
+    for path, params in adapter.weights.items():
+        w = base_w[path]
+        torch.testing.assert_close(merged[path], w + method.delta(params, w, path), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(method.merge(w, params, path).float(), merged[path], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["balance", "mini"])
+def test_fold_pair_is_exact_and_alpha_free(llama, variant):
+    adapter = _fossil(llama, variant)
+    method = adapter.method
+    for t in lrs.select_targets(lrs.Checkpoint(llama), "all-linear"):
+        params = adapter.weights[t.path]
+        b, a = method.pair(params, shape=t.shape)
+        assert b.shape == (t.out_features, VARIANTS[variant][0]) and set(a.unique().tolist()) == {0.0, 1.0}
+        torch.testing.assert_close(b @ a, method.delta(params, None, t.path, shape=t.shape))  # s = 1, alpha is 3
+    d = torch.randn(3, 6)
+    mini = lrs.get_method(lrs.AdapterConfig("fossil", 3, 9.0, [], options={"variant": "mini", "mini_r": 6}))
+    full = mini.delta({"miss_block": d}, None, "x", shape=(12, 7))
+    assert full.shape == (12, 7)
+    assert all(full[o, i] == d[i % 3, o % 6] for o in range(12) for i in range(7))
+
+
+def test_bat_unmerge_inverts_merge_and_refuses_singular(llama):
+    adapter = _fossil(llama, "bat", scale=0.2)
+    method = adapter.method
+    base_w = _weights(load_causal_lm(llama))
+    for path, params in adapter.weights.items():
+        merged = method.merge(base_w[path], params, path)
+        assert merged.dtype == torch.float64
+        assert (merged - base_w[path].double()).abs().max() > 1e-2
+        torch.testing.assert_close(method.unmerge(merged, params, path), base_w[path].double(), rtol=0, atol=1e-10)
+    path, params = next(iter(adapter.weights.items()))
+    block = params["miss_block"].clone()
+    block[1] = -torch.eye(8)
+    block[1, 0, 3] = 0.5  # I + D_1 has a zero row: singular
+    with pytest.raises(LrsError, match=rf"{path}.*singular.*b=1"):
+        method.unmerge(base_w[path], {"miss_block": block}, path)
+
+
+def test_bone_adapter_imports_as_fossil(llama, tmp_path):
+    adapter = _fossil(llama, "bat")
+    (tmp_path / "bone").mkdir()
+    config = {"peft_type": "BONE", "r": 8, "init_weights": "bat", "target_modules": ["q_proj", "v_proj"],
+              "base_model_name_or_path": str(llama), "bias": "none"}
+    (tmp_path / "bone" / "adapter_config.json").write_text(json.dumps(config))
+    tensors = {k.replace("miss_block", "bone_block"): v for k, v in adapter.state_dict().items()
+               if "q_proj" in k or "v_proj" in k}
+    save_file(tensors, tmp_path / "bone" / "adapter_model.safetensors")
+    loaded = lrs.load_adapter(tmp_path / "bone")
+    assert loaded.config.method == "fossil" and loaded.config.options["variant"] == "bat"
+    assert len(loaded.weights) == 4
+    for path, params in loaded.weights.items():
+        assert torch.equal(params["miss_block"], adapter.weights[path]["miss_block"])
+    lrs.save_adapter(loaded, tmp_path / "miss")
+    assert json.loads((tmp_path / "miss" / "adapter_config.json").read_text())["peft_type"] == "MISS"
+
+
+def test_bad_fossil_input_exits_1(lrs, llama, tmp_path):
+    cases = {
+        "FOSSIL bat needs both dimensions divisible by r=5, but model.layers.0.self_attn.q_proj (shape 64x64)":
+            ["--variant", "bat", "--rank", "5"],
+        "mini_r=7 to divide out_features of model.layers.0.self_attn.q_proj (shape 64x64)":
+            ["--variant", "mini", "--mini-r", "7"],
+        "rank 65 is larger than model.layers.0.self_attn.q_proj (shape 64x64)": ["--rank", "65"],
+        "unknown FOSSIL variant 'wide'": ["--variant", "wide"],
+    }
+    for expected, args in cases.items():
+        out = tmp_path / "out"
+        res = lrs("init", "--method", "fossil", "--base", llama, "--out", out, "--targets", "q_proj", *args)
+        assert res.code == 1, (expected, res)
+        assert expected in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+        assert not out.exists() and not list(tmp_path.iterdir())
