@@ -7,10 +7,12 @@ from typing import Any
 from ..adapter import AdapterConfig
 from ..errors import LrsError
 from .base import Method
+from .cola import CoLA
 from .fossil import Fossil
 from .lora import LoRA
+from .pissa import PiSSA
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LoRA, Fossil)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LoRA, PiSSA, CoLA, Fossil)}
 
 
 def get_method(config: AdapterConfig) -> Method:

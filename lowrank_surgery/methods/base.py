@@ -7,7 +7,7 @@ low-rank pair: ΔW = s·B_eff·A_eff, given by `pair`; the rest override `delta`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -29,6 +29,7 @@ class Method:
     peft_type: ClassVar[str]
     needs_base_weight: ClassVar[bool] = False  # init (or ΔW) reads the base weight W
     defaults: ClassVar[dict[str, Any]] = {}  # the method's own options (AdapterConfig.options) and their defaults
+    completable: ClassVar[frozenset[str]] = frozenset()  # parameters an imported adapter may lack: see `complete`
 
     def __init__(self, config: AdapterConfig):
         self.config = config
@@ -73,6 +74,13 @@ class Method:
              generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
         """Initial parameters for a batch of modules (weights given, float32, when needs_base_weight)."""
         raise NotImplementedError
+
+    def complete(self, weights: dict[str, dict[str, torch.Tensor]], base_weight: Callable[[str], torch.Tensor]) -> None:
+        """Fill in, in place, the `completable` parameters an adapter lacks from the base weights.
+
+        `base_weight(path)` gives W (float32, nn.Linear layout). Callers that hold the base (attach,
+        merge, convert with --base) call this before using an adapter; it is a no-op when nothing is missing.
+        """
 
     # ------------------------------------------------------------------ maths
     def pair(self, params: Params, training: bool = False,
@@ -131,13 +139,13 @@ class Method:
     def check_weights(self, weights: Mapping[str, Params]) -> None:
         """Every module has exactly this method's parameters."""
         for path, params in weights.items():
-            missing = set(self.param_names) - set(params)
+            missing = set(self.param_names) - set(params) - self.completable
             if missing:
                 raise LrsError(f"adapter module {path} lacks {', '.join(sorted(missing))} for method {self.name}")
 
     def check_fits(self, target: Target, params: Params) -> None:
         """The parameters have the shapes this method needs for the base module `target`."""
         for name, shape in self.param_shapes(target).items():
-            if tuple(params[name].shape) != shape:
+            if name in params and tuple(params[name].shape) != shape:
                 raise LrsError(f"adapter does not fit the base: {target.path}.{name} has shape {list(params[name].shape)}, "
                                f"but base module {target.path} ({target.out_features}x{target.in_features}) needs {list(shape)}")
