@@ -1,0 +1,230 @@
+"""`lrs train`: data formats and masking, the loop, exact resume, NaN stop, every method, torchrun, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowrank_surgery as lrs
+from lowrank_surgery import train as train_module
+from lowrank_surgery.data import collate, load_dataset, step_indices
+from lowrank_surgery.errors import LrsError
+from lowrank_surgery.train import STATE_DIR, train
+
+from conftest import load_causal_lm
+from train_fixtures import chat_models, char_tokenizer  # noqa: F401  (fixture)
+
+QA = [{"prompt": f"Q: {a}+{b}=", "completion": f"{a + b}"} for a in range(6) for b in range(6)]
+CHATS = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w * 2}]}
+         for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op")]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a loaded machine OpenMP spinning costs 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(chat_models, tmp_path_factory):
+    """A LoRA adapter for the tiny llama and small train/eval files."""
+    root = tmp_path_factory.mktemp("train")
+    lrs.save_adapter(lrs.init_adapter("lora", chat_models["llama"], r=4, seed=1), root / "lora")
+    return {"root": root, "base": chat_models["llama"], "adapter": root / "lora",
+            "data": write_jsonl(root / "train.jsonl", QA), "eval": write_jsonl(root / "eval.jsonl", QA[::5])}
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+# ---------------------------------------------------------------------------- data
+def test_masks_follow_the_format(tmp_path):
+    tok = char_tokenizer()
+    data = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "hello"}, {"prompt": "2+2=", "completion": "4"}, CHATS[0]])
+    examples = load_dataset(data, tok, seq_len=64).examples
+    trained = [tok.decode([i for i, t in zip(e.ids, e.trained) if t]) for e in examples]
+    assert trained[0] == "hello<|im_end|>"
+    assert trained[1] == "4<|im_end|>"
+    assert trained[2] == "abab<|im_end|>\n"  # the assistant turn only, never the user's "say ab"
+    batch = collate(examples, pad_id=0)
+    row = examples[1]
+    expected = [i if t else -100 for i, t in zip(row.ids[1:], row.trained[1:])]
+    assert batch["targets"][1, : len(expected)].tolist() == expected
+    assert (batch["targets"][1, len(expected):] == -100).all() and batch["attention_mask"][1].sum() == len(row.ids)
+
+
+def test_truncation_and_packing(tmp_path):
+    tok = char_tokenizer()
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": "x" * 30}, {"text": "short"}, {"prompt": "p" * 40, "completion": "c"}])
+    plain = load_dataset(data, tok, seq_len=16)
+    assert plain.truncated == 2 and plain.dropped == 1  # the long prompt leaves its completion beyond 16 tokens
+    assert all(len(e.ids) <= 16 for e in plain.examples)
+    packed = load_dataset(data, tok, seq_len=16, packing=True)
+    assert [len(e.ids) for e in packed.examples][:-1] == [16] * (len(packed.examples) - 1)
+    assert packed.dropped == 1  # the chunk made only of prompt tokens carries no loss
+    assert sum(len(e.ids) for e in packed.examples) == 31 + 6 + 42 - 16
+
+
+def test_stream_is_a_function_of_the_step():
+    first = [step_indices(10, s, 4, seed=3) for s in range(5)]  # 20 draws: two full epochs
+    assert sorted(sum(first[:2], []) + first[2][:2]) == list(range(10))
+    assert first == [step_indices(10, s, 4, seed=3) for s in range(5)]
+    assert first != [step_indices(10, s, 4, seed=4) for s in range(5)]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "ok"}\n{"text": oops}\n', r"bad\.jsonl:2: malformed JSON"),
+    ("\n\n", r"bad\.jsonl: empty data file"),
+    ('{"input": "x"}\n', r"bad\.jsonl:1: expected a 'text'"),
+    ('{"prompt": "x", "completion": 3}\n', r"bad\.jsonl:1: 'completion' must be a string"),
+])
+def test_bad_data_names_file_and_line(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(LrsError, match=message):
+        load_dataset(tmp_path / "bad.jsonl", char_tokenizer(), seq_len=32)
+
+
+# ---------------------------------------------------------------------------- the loop
+def test_training_lowers_eval_loss_and_writes_an_adapter(setup, tmp_path):
+    out = tmp_path / "out"
+    summary = train(setup["adapter"], setup["base"], setup["data"], out, steps=12, lr=2e-2, batch_size=6,
+                    grad_accum=2, seq_len=32, eval_data=setup["eval"], eval_every=6, save_every=6, warmup=3)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 6, 12]
+    assert evals[-1] < evals[0] - 0.5
+    assert all({"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(r) for r in records[1:])
+    assert records[1]["lr"] < records[2]["lr"] and records[-1]["lr"] < records[3]["lr"]  # warmup, then cosine decay
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG" and "## Training" in (out / "README.md").read_text()
+    assert summary["steps"] == 12 and summary["examples"] == len(QA) and summary["truncated"] == 0
+
+    trained = lrs.load_adapter(out)  # the same format as `lrs init`, with the trained weights
+    assert trained.config == lrs.load_adapter(setup["adapter"]).config
+    assert any(p["lora_B.weight"].abs().sum() > 0 for p in trained.weights.values())
+    model = lrs.attach(load_causal_lm(setup["base"]), trained).eval()
+    ds = load_dataset(setup["eval"], char_tokenizer(), seq_len=32)
+    ctx = train_module.Context(0, 1, torch.device("cpu"))
+    assert train_module.evaluate_loss(model, ds, 6, 0, ctx) == pytest.approx(evals[-1], rel=1e-5)
+
+
+def test_resume_gives_the_uninterrupted_losses(setup, tmp_path):
+    args = dict(steps=6, lr=1e-2, batch_size=4, seq_len=32, save_every=3, seed=5)
+    straight = tmp_path / "straight"
+    train(setup["adapter"], setup["base"], setup["data"], straight, **args)
+
+    def interrupt(record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(setup["adapter"], setup["base"], setup["data"], cut, on_log=interrupt, **args)
+    assert json.loads((cut / STATE_DIR / "state.json").read_text())["step"] == 3
+    assert len(losses(cut)) == 3
+    summary = train(setup["adapter"], setup["base"], setup["data"], cut, resume=True, **args)
+    assert summary["resumed_from"] == 3
+    assert losses(cut) == losses(straight)  # exactly, not approximately
+    a, b = lrs.load_adapter(cut), lrs.load_adapter(straight)
+    assert all(torch.equal(a.weights[m][n], b.weights[m][n]) for m in a.weights for n in a.weights[m])
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
+    real, calls = train_module.token_loss_sum, []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_module, "token_loss_sum", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(LrsError, match=rf"loss is nan .* at step 3; stopped, {out} keeps the last good checkpoint \(step 2\)"):
+        train(setup["adapter"], setup["base"], setup["data"], out, steps=5, batch_size=4, seq_len=32, save_every=2)
+    assert json.loads((out / STATE_DIR / "state.json").read_text())["step"] == 2
+    assert all(torch.isfinite(t).all() for p in lrs.load_adapter(out).weights.values() for t in p.values())
+
+
+@pytest.mark.parametrize("method", sorted(lrs.METHODS))
+def test_every_method_trains_only_its_trainable_parameters(method, chat_models, tmp_path):
+    base = chat_models["gpt2"] if method == "lora" else chat_models["llama"]  # gpt2: Conv1D layers
+    start = lrs.init_adapter(method, base, r=4, seed=2, targets="all-linear")
+    frozen = start.method.frozen
+    data = write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    train(start, base, data, tmp_path / "out", steps=3, lr=1e-2, batch_size=4, seq_len=48)
+    after = lrs.load_adapter(tmp_path / "out").weights
+    for path, params in start.weights.items():
+        for name, before in params.items():
+            assert torch.equal(after[path][name], before) == (name in frozen), f"{method} {path}.{name}"
+
+
+# ---------------------------------------------------------------------------- torchrun
+DDP_SCRIPT = """
+import sys
+from lowrank_surgery.train import train
+adapter, base, data, out = sys.argv[1:5]
+train(adapter, base, data, out, steps=3, lr=1e-2, batch_size=4, grad_accum=2, seq_len=32, save_every=10)
+"""
+
+
+def test_torchrun_two_processes_match_one(setup, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    args = [str(setup[k]) for k in ("adapter", "base", "data")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script), *args, str(tmp_path / "ddp")], check=True, env=env, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one")], check=True, env=env, timeout=120)
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    a, b = lrs.load_adapter(tmp_path / "ddp"), lrs.load_adapter(tmp_path / "one")
+    for m in a.weights:
+        for n in a.weights[m]:
+            torch.testing.assert_close(a.weights[m][n], b.weights[m][n], rtol=1e-3, atol=1e-5)
+    assert json.loads((tmp_path / "ddp" / STATE_DIR / "state.json").read_text())["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_trains_and_reports(lrs, setup, tmp_path):
+    out = tmp_path / "cli-out"
+    res = lrs("train", setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--out", out,
+              "--steps", "2", "--batch-size", "4", "--seq-len", "8", "--json")
+    assert res.code == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["steps"] == 2 and summary["truncated"] > 0 and (out / "adapter_model.safetensors").is_file()
+    res = lrs("train", setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--out", out,
+              "--steps", "2", "--batch-size", "4", "--seq-len", "8", "--resume")
+    assert res.code == 0 and "trained 2 steps" in res.stdout  # nothing left to do
+
+
+def test_cli_bad_input_is_one_line(lrs, setup, chat_models, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"\n')
+    (tmp_path / "exists").mkdir()
+    common = ["--steps", "1", "--batch-size", "2", "--seq-len", "16"]
+    cases = [
+        ([setup["adapter"], "--base", setup["base"], "--data", tmp_path / "broken.jsonl"], "broken.jsonl:2: malformed JSON"),
+        ([setup["adapter"], "--base", setup["base"], "--data", tmp_path / "empty.jsonl"], "empty data file"),
+        ([setup["adapter"], "--base", chat_models["gpt2"], "--data", setup["data"]], "adapter does not fit"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        res = lrs("train", *args, "--out", tmp_path / f"o{i}", *common)
+        assert res.code == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    base_args = [setup["adapter"], "--base", setup["base"], "--data", setup["data"], *common]
+    res = lrs("train", *base_args, "--out", tmp_path / "exists")
+    assert res.code == 1 and "already exists" in res.stderr
+    res = lrs("train", *base_args, "--out", tmp_path / "exists", "--resume")
+    assert res.code == 1 and "holds no training checkpoint" in res.stderr
