@@ -8,8 +8,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .adapter import CONFIG_NAME, load_adapter
+from .adapter import CONFIG_NAME
 from .checkpoint import Checkpoint, DTYPE_NAMES
+from .convert import detect_format, read_adapter
 from .errors import LrsError
 from .targets import kinds, linear_targets
 
@@ -19,11 +20,22 @@ def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise LrsError(f"no such file or directory: {p}")
-    if p.is_dir() and (p / CONFIG_NAME).is_file():
-        return inspect_adapter(p)
     if p.is_dir() and (p / "subspace.json").is_file():
         return json.loads((p / "subspace.json").read_text()) | {"kind": "subspace", "path": str(p)}
+    if _is_adapter(p):
+        return inspect_adapter(p)
     return inspect_checkpoint(p)
+
+
+def _is_adapter(p: Path) -> bool:
+    """An lrs/PEFT, mlx-lm or kohya adapter (a .safetensors of kohya keys is one too)."""
+    if p.is_dir() and (p / CONFIG_NAME).is_file():
+        return True
+    try:
+        detect_format(p)
+    except LrsError:
+        return False
+    return True
 
 
 def inspect_checkpoint(path: Path) -> dict[str, Any]:
@@ -54,11 +66,12 @@ def _shape_of(targets, kind: str) -> str:
 
 
 def inspect_adapter(path: Path) -> dict[str, Any]:
-    adapter = load_adapter(path)
+    adapter, fmt, _ = read_adapter(path)
     c = adapter.config
     return {
         "kind": "adapter",
         "path": str(path),
+        "format": fmt,
         "method": c.method,
         "peft_type": adapter.method.peft_type,
         "rank": c.r,

@@ -1,0 +1,236 @@
+"""lrs convert (every method -> PEFT LoRA, kohya, mlx-lm, MiSS, CoLA) and lrs extract-lora, against stock PEFT."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowrank_surgery as ls
+from lowrank_surgery.convert import convert, lora_adapter, read_adapter
+from lowrank_surgery.errors import LrsError
+from lowrank_surgery.extract import extract_lora
+from lowrank_surgery.initialize import load_weight
+from lowrank_surgery.targets import linear_targets
+
+from conftest import load_causal_lm
+
+# (method, rank, options): every registered method runs with (rank 4, no options) unless listed here;
+# extra cases are variants of registered methods. FOSSIL balance with r=5 pads the input fold.
+INIT = {"fossil": ("fossil", 5, {}), "fossil-mini": ("fossil", 4, {"variant": "mini", "mini_r": 8}),
+        "fossil-bat": ("fossil", 8, {"variant": "bat"}), "cola-heuristic": ("cola", 4, {"strategy": "heuristic"})}
+CASES = list(ls.METHODS) + [k for k, (m, _, _) in INIT.items() if m in ls.METHODS and k not in ls.METHODS]
+
+
+def _trained(base, case: str, seed: int = 1) -> ls.Adapter:
+    """An adapter of `case` whose trainable parameters moved away from their init, as after training."""
+    method, r, options = INIT.get(case, (case, 4, {}))
+    adapter = ls.init_adapter(method, base, r=r, alpha=2.0 * r + 1, targets="all-linear", options=options)
+    gen = torch.Generator().manual_seed(seed)
+    for params in adapter.weights.values():
+        for name, t in params.items():
+            if name not in adapter.method.frozen:
+                params[name] = t + torch.randn(t.shape, generator=gen) * 0.05
+    return adapter
+
+
+def _deltas(adapter: ls.Adapter, base) -> dict[str, torch.Tensor]:
+    ckpt = ls.Checkpoint(base)
+    targets = {t.path: t for t in linear_targets(ckpt)}
+    method = adapter.method
+    return {p: method.delta(params, load_weight(ckpt, targets[p]), p).float() for p, params in adapter.weights.items()}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _projections(model) -> dict[str, torch.Tensor]:
+    return {n[: -len(".weight")]: p.detach() for n, p in model.named_parameters() if n.endswith("_proj.weight")}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_method_to_peft_lora(llama, tmp_path, case):
+    """ΔW survives (exactly where low-rank, else with the reported SVD error); stock PEFT loads and merges it."""
+    from peft import PeftModel
+
+    adapter = _trained(llama, case)
+    ls.save_adapter(adapter, tmp_path / "src")
+    expected = _deltas(adapter, llama)
+    shapes = {t.path: t.shape for t in linear_targets(ls.Checkpoint(llama))}
+    exact = all(adapter.method.pair(p, shape=shapes[path]) is not None for path, p in adapter.weights.items())
+    report = convert(tmp_path / "src", tmp_path / "out", "peft-lora", base=llama, allow_lossy=not exact)
+    assert report["lossy"] is not exact and report["modules"] == len(adapter.weights)
+    converted = ls.load_adapter(tmp_path / "out")
+    assert converted.config.method == "lora"
+    got = _deltas(converted, llama)
+    if exact:
+        assert all(_rel(got[path], delta) < 1e-5 for path, delta in expected.items())
+    else:
+        stored = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lrs"]["conversion_error"]
+        for path, delta in expected.items():
+            assert stored[path] == pytest.approx(_rel(got[path], delta), rel=1e-3, abs=1e-6) and stored[path] > 1e-3
+
+    peft = PeftModel.from_pretrained(load_causal_lm(llama), tmp_path / "out").eval()
+    merged = _projections(peft.merge_and_unload())
+    base_w = _projections(load_causal_lm(llama))
+    for path, w in base_w.items():
+        reference = w + got[path] if path in got else w
+        assert _rel(merged[path], reference) < 1e-5
+        if exact and path in expected:
+            assert _rel(merged[path] - w, expected[path]) < 1e-5
+
+
+def _mixed_lora(llama) -> ls.Adapter:
+    """A plain LoRA with per-module ranks and scales (rank_pattern, alpha_pattern)."""
+    gen = torch.Generator().manual_seed(7)
+    pairs = {}
+    for k, t in enumerate(linear_targets(ls.Checkpoint(llama))[:9]):
+        r = 2 + k % 3
+        pairs[t.path] = (torch.randn(t.out_features, r, generator=gen), torch.randn(r, t.in_features, generator=gen),
+                         0.5 + k)
+    adapter = lora_adapter(pairs, {"base_model": str(llama)})
+    assert adapter.config.rank_pattern and adapter.config.alpha_pattern
+    return adapter
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "mlx"])
+def test_round_trip_keeps_delta(llama, tmp_path, fmt):
+    adapter = _mixed_lora(llama)
+    ls.save_adapter(adapter, tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / fmt, fmt)
+    convert(tmp_path / fmt, tmp_path / "back", "peft-lora")
+    back = ls.load_adapter(tmp_path / "back")
+    assert set(back.weights) == set(adapter.weights)
+    before, after = _deltas(adapter, llama), _deltas(back, llama)
+    for path in before:
+        assert _rel(after[path], before[path]) < 1e-6
+    info = ls.inspect_path(tmp_path / fmt)
+    assert info["format"] == fmt and info["modules"] == 9
+
+
+def test_kohya_layout_and_name_resolution(llama, tmp_path):
+    adapter = _mixed_lora(llama)
+    ls.save_adapter(adapter, tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "k", "kohya")
+    tensors = load_file(tmp_path / "k" / "adapter_model.safetensors")
+    name = "lora_te_model_layers_0_self_attn_q_proj"
+    assert tensors[f"{name}.lora_down.weight"].shape[1] == 64 and tensors[f"{name}.alpha"].dim() == 0
+    a = adapter.weights["model.layers.0.self_attn.q_proj"]["lora_A.weight"]
+    alpha = adapter.config.scale("model.layers.0.self_attn.q_proj") * a.shape[0]
+    assert alpha != a.shape[0] and tensors[f"{name}.alpha"] == pytest.approx(alpha)
+    # A foreign kohya file: no lrs metadata, another prefix, no alpha for one module.
+    foreign = {k.replace("lora_te_", "lora_transformer_"): v for k, v in tensors.items() if k != f"{name}.alpha"}
+    save_file(foreign, tmp_path / "foreign.safetensors")
+    with pytest.raises(LrsError, match="--base"):
+        read_adapter(tmp_path / "foreign.safetensors")
+    back, fmt, warnings = read_adapter(tmp_path / "foreign.safetensors", ls.Checkpoint(llama))
+    assert fmt == "kohya" and set(back.weights) == set(adapter.weights)
+    assert warnings and "alpha = r" in warnings[0]
+    assert back.config.scale("model.layers.0.self_attn.q_proj") == 1.0
+
+
+def test_mlx_layout(llama, tmp_path):
+    adapter = _trained(llama, "lora")
+    ls.save_adapter(adapter, tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "m", "mlx", base=llama)
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    params = config["lora_parameters"]
+    assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
+    assert params["rank"] == 4 and params["scale"] == pytest.approx(9 / 4) and "self_attn.q_proj" in params["keys"]
+    tensors = load_file(tmp_path / "m" / "adapters.safetensors")
+    q = adapter.weights["model.layers.1.self_attn.q_proj"]
+    assert torch.equal(tensors["model.layers.1.self_attn.q_proj.lora_a"], q["lora_A.weight"].T)  # in × r
+    assert torch.equal(tensors["model.layers.1.self_attn.q_proj.lora_b"], q["lora_B.weight"].T)  # r × out
+
+
+@pytest.mark.skipif("fossil" not in ls.METHODS, reason="FOSSIL not registered")
+def test_peft_miss_rewrites_fossil_and_bone(llama, tmp_path):
+    adapter = _trained(llama, "fossil")
+    ls.save_adapter(adapter, tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "adapter_config.json").read_text())
+    bone = tmp_path / "bone"
+    bone.mkdir()
+    (bone / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "BONE"}))
+    tensors = load_file(tmp_path / "src" / "adapter_model.safetensors")
+    save_file({k.replace("miss_block", "bone_block"): v for k, v in tensors.items()}, bone / "adapter_model.safetensors")
+    convert(bone, tmp_path / "miss", "peft-miss")
+    out = json.loads((tmp_path / "miss" / "adapter_config.json").read_text())
+    assert out["peft_type"] == "MISS"
+    back = load_file(tmp_path / "miss" / "adapter_model.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_extract_lora_recovers_planted_change(llama, tmp_path, lrs):
+    r = 3
+    ft = tmp_path / "ft"
+    shutil.copytree(llama, ft)
+    gen = torch.Generator().manual_seed(5)
+    planted = {}
+    for shard in ft.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if name.endswith(("q_proj.weight", "down_proj.weight")):
+                planted[name[: -len(".weight")]] = d = torch.randn(t.shape[0], r, generator=gen) @ torch.randn(
+                    r, t.shape[1], generator=gen) * 0.1
+                tensors[name] = t + d
+        save_file(tensors, shard, metadata={"format": "pt"})
+    res = lrs("extract-lora", ft, llama, tmp_path / "out", "--rank", r, "--json")
+    assert res.code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["modules"] == len(planted) == 4 and report["unchanged"] == 10
+    assert all(row["energy"] > 1 - 1e-6 for row in report["per_module"])
+    adapter = ls.load_adapter(tmp_path / "out")
+    for path, delta in _deltas(adapter, llama).items():
+        assert _rel(delta, planted[path]) < 1e-5
+    table = lrs("extract-lora", ft, llama, tmp_path / "out", "--rank", 2, "--force", "--algorithm", "randomized")
+    assert table.code == 0 and "energy" in table.stdout and "model.layers.0.self_attn.q_proj" in table.stdout
+
+
+def test_extract_lora_needs_same_layout(tiny_models, tmp_path):
+    with pytest.raises(LrsError, match="is in .* but not in"):
+        extract_lora(tiny_models["qwen2"], tiny_models["llama"], tmp_path / "out", 2)
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_inputs(tmp_path, llama) -> dict[str, list]:
+    lora = _trained(llama, "lora")
+    ls.save_adapter(lora, tmp_path / "lora")
+    convert(tmp_path / "lora", tmp_path / "k", "kohya")
+    kohya = load_file(tmp_path / "k" / "adapter_model.safetensors")
+    (tmp_path / "unknown").mkdir()
+    save_file({"layers.0.weight": torch.zeros(2, 2)}, tmp_path / "unknown" / "x.safetensors")
+    save_file({**kohya, "model.layers.0.mlp.up_proj.lora_a": torch.zeros(64, 2)}, tmp_path / "mixed.safetensors")
+    save_file(kohya, tmp_path / "bare.safetensors")
+    cases = {
+        "unrecognised adapter key layout: 1 unknown key(s), e.g. layers.0.weight": [tmp_path / "unknown", "--to", "mlx"],
+        "mixed adapter key layout": [tmp_path / "mixed.safetensors", "--to", "peft-lora"],
+        "loses information (--rank 2 truncates": [tmp_path / "lora", "--to", "peft-lora", "--rank", "2"],
+        "needs the base model (--base MODEL)": [tmp_path / "bare.safetensors", "--to", "peft-lora"],
+        "cannot be expressed as MISS": [tmp_path / "lora", "--to", "peft-miss"],
+    }
+    if "fossil" in ls.METHODS:
+        ls.save_adapter(_trained(llama, "fossil-bat"), tmp_path / "bat")
+        cases["pass --base MODEL"] = [tmp_path / "bat", "--to", "kohya"]
+        cases["ΔW is not low-rank, e.g."] = [tmp_path / "bat", "--to", "peft-lora", "--base", llama]
+    return cases
+
+
+def test_bad_input_exits_1_with_one_line(lrs, llama, tmp_path):
+    for expected, args in _bad_inputs(tmp_path, llama).items():
+        res = lrs("convert", args[0], tmp_path / "out", *args[1:])
+        assert res.code == 1, (expected, res)
+        assert expected in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / "out").exists()
+    assert lrs("convert", tmp_path / "lora", tmp_path / "out", "--to", "onnx").code == 2
+
+
+def test_cli_convert_prints_summary(lrs, llama, tmp_path):
+    ls.save_adapter(_trained(llama, "lora"), tmp_path / "src")
+    res = lrs("convert", tmp_path / "src", tmp_path / "out", "--to", "mlx")
+    assert res.code == 0, res.stderr
+    assert "exact" in res.stdout and "14 modules" in res.stdout
+    assert lrs("convert", "--help").stdout.count("Example: lrs convert") == 1
