@@ -57,9 +57,12 @@ def attach(model: nn.Module, adapter: Adapter) -> nn.Module:
     method = adapter.method
     for p in model.parameters():
         p.requires_grad_(False)
+    located = {path: _find_module(model, path) for path in adapter.weights}
+    targets = {path: module_target(path, module) for path, (_, _, module) in located.items()}
+    method.complete(adapter.weights, lambda path: _linear_weight(located[path][2], targets[path]))
     for path, params in adapter.weights.items():
-        parent, child_name, module = _find_module(model, path)
-        target = module_target(path, module)
+        parent, child_name, module = located[path]
+        target = targets[path]
         method.validate(target)
         method.check_fits(target, params)
         layer = AdapterLayer(module, method, path, params, target.conv1d).to(module.weight.device)
@@ -74,6 +77,11 @@ def module_target(path: str, module: nn.Module) -> Target:
     if type(module).__name__ == "Conv1D" and module.weight.dim() == 2:
         return Target(path, module.weight.shape[1], module.weight.shape[0], conv1d=True)
     raise LrsError(f"adapter targets {path}, which is a {type(module).__name__}, not a linear layer")
+
+
+def _linear_weight(module: nn.Module, target: Target) -> torch.Tensor:
+    w = module.weight.detach().float()
+    return w.T if target.conv1d else w
 
 
 def _find_module(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:

@@ -314,7 +314,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return b""
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def parse_size(text: str | int) -> int:
