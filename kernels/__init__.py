@@ -1,1 +1,133 @@
-"""Fused Triton kernels for adapter layers, with torch references and a dispatch."""
+"""Fused Triton kernels for adapter layers, with torch references and a dispatch (LRS_KERNELS=auto|triton|torch).
+
+Weights come in nn.Linear layout (out, in), any strides; base weight and bias are treated as frozen.
+Everything is computed in x's dtype (autocast's when autocast is on) and returned in it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from lowrank_surgery.errors import LrsError
+
+from .reference import (bat_linear_reference, fold_linear_reference, lowrank_linear_reference,
+                        torch_dropout_mask)
+
+__all__ = ["backend", "lowrank_linear", "fold_linear", "bat_linear", "lowrank_linear_reference",
+           "fold_linear_reference", "bat_linear_reference", "torch_dropout_mask", "triton_dropout_mask"]
+
+_CHOICES = ("auto", "triton", "torch")
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    """Whether triton imports here."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def backend(device: torch.device) -> str:
+    """'triton' or 'torch' for tensors on `device`, as LRS_KERNELS asks (auto: triton on CUDA)."""
+    choice = os.environ.get("LRS_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise LrsError(f"LRS_KERNELS={choice!r}: expected one of {', '.join(_CHOICES)}")
+    if choice == "torch":
+        return "torch"
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and _triton_importable() else "torch"
+    if not _triton_importable():
+        raise LrsError("LRS_KERNELS=triton but triton cannot be imported; install triton or use LRS_KERNELS=torch")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise LrsError(f"LRS_KERNELS=triton on a {device.type} tensor needs TRITON_INTERPRET=1 "
+                       "(set before the kernels are first used); or use LRS_KERNELS=auto|torch")
+    return "triton"
+
+
+def triton_dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> Tensor:
+    """The float32 multiplier (0 or 1/(1-p)) the Triton kernels apply to an x of `shape` for (p, seed)."""
+    from .matmul import triton_dropout_mask as materialise
+
+    return materialise(shape, p, seed, device)
+
+
+def _seed(dropout: float, seed: int | None) -> int:
+    """The dropout seed: checks p, draws one from torch's global RNG when none is given."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if dropout == 0.0:
+        return 0
+    return int(torch.randint(2**31 - 1, ())) if seed is None else seed
+
+
+def _prepare(x: Tensor, weight: Tensor, bias: Tensor | None, *params: Tensor) -> tuple[Tensor, ...]:
+    """x, W, b and the adapter tensors in one compute dtype (autocast's if on, else x's); W and b frozen."""
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError("the adapter kernels treat the base weight and bias as frozen; set requires_grad=False")
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return tuple(None if t is None else t.to(dtype) for t in (x, weight, bias, *params))
+
+
+def _apply(function: type[torch.autograd.Function], x: Tensor, *args) -> Tensor:
+    """Run a kernel Function with autocast off: its inputs are already in the compute dtype."""
+    with torch.autocast(x.device.type, enabled=False):
+        return function.apply(x, *args)
+
+
+def _mask(x: Tensor, dropout: float, seed: int) -> Tensor | None:
+    """The torch path's dropout multiplier for x, None without dropout."""
+    return torch_dropout_mask(x.shape, dropout, seed, x.device) if dropout > 0 else None
+
+
+def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                   dropout: float = 0.0, seed: int | None = None) -> Tensor:
+    """y = x Wᵀ + b + scale·(drop(x) Aᵀ) Bᵀ with A (R, in), B (out, R); dropout only on the adapter branch."""
+    seed = _seed(dropout, seed)
+    x, weight, bias, A, B = _prepare(x, weight, bias, A, B)
+    if backend(x.device) == "torch":
+        return lowrank_linear_reference(x, weight, bias, A, B, scale, _mask(x, dropout, seed))
+    from .lowrank import LowRankLinear
+
+    return _apply(LowRankLinear, x, weight, bias, A, B, float(scale), float(dropout), seed)
+
+
+def _check_fold(weight: Tensor, D: Tensor, r: int, mini_r: int | None) -> None:
+    """Raise ValueError unless D has the balance (r, out) or mini (r, mini_r) shape."""
+    out = weight.shape[0]
+    want = (r, out) if mini_r is None else (r, mini_r)
+    if tuple(D.shape) != want or (mini_r is not None and out % mini_r):
+        raise ValueError(f"fold D of shape {tuple(D.shape)} does not fit r={r}, mini_r={mini_r}, out={out}")
+
+
+def fold_linear(x: Tensor, weight: Tensor, bias: Tensor | None, D: Tensor, r: int, mini_r: int | None = None,
+                dropout: float = 0.0, seed: int | None = None) -> Tensor:
+    """y = x Wᵀ + b + fold_r(drop(x)) D (balance: D (r, out); mini: D (r, mini_r) tiled along out)."""
+    _check_fold(weight, D, r, mini_r)
+    seed = _seed(dropout, seed)
+    x, weight, bias, D = _prepare(x, weight, bias, D)
+    if backend(x.device) == "torch":
+        return fold_linear_reference(x, weight, bias, D, r, mini_r, _mask(x, dropout, seed))
+    from .fold import FoldLinear
+
+    return _apply(FoldLinear, x, weight, bias, D, r, mini_r, float(dropout), seed)
+
+
+def bat_linear(x: Tensor, weight: Tensor, bias: Tensor | None, D: Tensor) -> Tensor:
+    """y = x W'ᵀ + b, W'_{b,c} = W_{b,c}(I + D_b) + D_b, D (out/r, r, r); no dropout, as in PEFT's MiSS bat."""
+    out, inp = weight.shape
+    r = D.shape[-1]
+    if tuple(D.shape) != (out // r, r, r) or out % r or inp % r:
+        raise ValueError(f"bat D of shape {tuple(D.shape)} does not tile a weight of shape {(out, inp)}")
+    x, weight, bias, D = _prepare(x, weight, bias, D)
+    if backend(x.device) == "torch":
+        return bat_linear_reference(x, weight, bias, D)
+    from .bat import BatLinear
+
+    return _apply(BatLinear, x, weight, bias, D)
