@@ -1,0 +1,328 @@
+"""`lrs merge` / `lrs unmerge`: fold an adapter into a base checkpoint (or take it out), streaming.
+
+The base is read one tensor at a time and the output shards are planned up front, so each
+shard's header goes first and its tensors follow as they are computed: peak memory is one
+tensor (a few float32 copies of the largest targeted weight), never the model. Untouched
+tensors are copied as raw bytes. Every method goes through `Method.merge` / `Method.unmerge`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import Adapter, load_adapter
+from .checkpoint import (
+    Checkpoint, PlannedTensor, SafetensorsWriter, atomic_output, check_output, parse_size, plan_shards,
+    shard_names, write_index,
+)
+from .errors import LrsError
+from .methods.base import Method, Params
+from .progress import progress
+from .targets import Target, is_output_layer, linear_targets
+
+DTYPE_CHOICES: dict[str, torch.dtype | None] = {
+    "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One targeted tensor: where its W comes from, where the result goes, and the adapter's parameters."""
+
+    target: Target
+    source: str  # tensor read from the base
+    output: str  # tensor written (differs from source only for an untied output layer)
+    params: Params
+
+
+@dataclass
+class MergeReport:
+    """What a merge or unmerge did; `error_bound` (unmerge) is how far the result can be from the original base."""
+
+    operation: str
+    adapter: str
+    method: str
+    base: str
+    base_revision: str | None
+    out: str
+    dtype: str
+    modules: int
+    tensors: int
+    shards: list[str]
+    bytes: int
+    seconds: float = 0.0
+    untied: list[str] = field(default_factory=list)
+    error_bound: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+def merge(adapter: str | os.PathLike | Adapter, base: str | os.PathLike | Checkpoint, out: str | os.PathLike,
+          dtype: str = "auto", max_shard_size: str | int | None = None, device: str = "auto", force: bool = False,
+          revision: str | None = None, allow_pickle: bool = False) -> MergeReport:
+    """Write base + ΔW (every module the adapter targets) as a full checkpoint in `out`."""
+    return _run("merge", adapter, base, out, dtype, max_shard_size, device, force, revision, allow_pickle)
+
+
+def unmerge(adapter: str | os.PathLike | Adapter, merged: str | os.PathLike | Checkpoint, out: str | os.PathLike,
+            dtype: str = "auto", max_shard_size: str | int | None = None, device: str = "auto", force: bool = False,
+            revision: str | None = None, allow_pickle: bool = False) -> MergeReport:
+    """Write the base that `merge` turned into `merged` (exact in float32; see the report's error_bound otherwise)."""
+    return _run("unmerge", adapter, merged, out, dtype, max_shard_size, device, force, revision, allow_pickle)
+
+
+def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.PathLike | Checkpoint,
+         out: str | os.PathLike, dtype: str, max_shard_size: str | int | None, device: str, force: bool,
+         revision: str | None, allow_pickle: bool) -> MergeReport:
+    start = time.perf_counter()
+    out = Path(out)
+    check_output(out, force)
+    out_dtype = _parse_dtype(dtype)
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    dev = _device(device)
+    source = "(in memory)" if isinstance(adapter, Adapter) else os.fspath(adapter)
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle)
+    method = adapter.method
+    jobs = plan_jobs(ckpt, adapter, method)
+    shards, names = plan_output(ckpt, jobs, out_dtype, limit)
+    untied = [j.output for j in jobs.values() if is_output_layer(j.target.path)] if _unties(ckpt, jobs) else []
+    report = MergeReport(
+        operation, source, method.name, ckpt.source.id, ckpt.source.revision, str(out),
+        dtype if out_dtype is not None else "auto", len(jobs), sum(len(s) for s in shards), names,
+        sum(t.nbytes for s in shards for t in s), untied=untied)
+    apply = method.merge if operation == "merge" else method.unmerge
+    bound = ErrorBound(method) if operation == "unmerge" else None
+    with atomic_output(out, force) as tmp, _cpu_threads(dev):
+        _write_shards(ckpt, tmp, shards, names, jobs, apply, dev, bound)
+        if len(shards) > 1 or ckpt.is_sharded:
+            write_index(tmp, shards, names)
+        _write_side_files(ckpt, tmp, adapter, report, out_dtype)
+    report.error_bound = bound.worst if bound else None
+    report.seconds = round(time.perf_counter() - start, 3)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def plan_jobs(ckpt: Checkpoint, adapter: Adapter, method: Method) -> dict[str, Job]:
+    """Every adapter module matched to its base tensor and checked to fit, before anything is written."""
+    linear = {t.path: t for t in linear_targets(ckpt)}
+    jobs = {}
+    for path, params in adapter.weights.items():
+        job = _job(ckpt, linear, path, params)
+        method.validate(job.target)
+        method.check_fits(job.target, params)
+        jobs[job.output] = job
+    return jobs
+
+
+def _job(ckpt: Checkpoint, linear: dict[str, Target], path: str, params: Params) -> Job:
+    if path in linear:
+        return Job(linear[path], linear[path].weight, linear[path].weight, params)
+    name = f"{path}.weight"
+    if name in ckpt.tensors:
+        raise LrsError(f"adapter targets {path}, which is not a linear layer in {ckpt.source.id} "
+                       f"(tensor {name} has shape {list(ckpt.tensors[name].shape)})")
+    embedding = _tied_embedding(ckpt) if is_output_layer(path) else None
+    if embedding is None:
+        raise LrsError(f"adapter does not fit the base: it has module {path}, which {ckpt.source.id} lacks "
+                       f"(no tensor {name})")
+    out_f, in_f = ckpt.tensors[embedding].shape
+    return Job(Target(path, out_f, in_f), embedding, name, params)
+
+
+def _tied_embedding(ckpt: Checkpoint) -> str | None:
+    """The input embedding that a tied output layer (absent from the checkpoint) shares."""
+    vocab = ckpt.config.get("vocab_size")
+    for name, info in ckpt.tensors.items():
+        last = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        if name.endswith(".weight") and len(info.shape) == 2 and info.shape[0] == vocab and (
+                "embed" in last or last in {"wte", "word_embeddings"}):
+            return name
+    return None
+
+
+def _unties(ckpt: Checkpoint, jobs: dict[str, Job]) -> bool:
+    """True when the adapter changes an output layer the config ties to the input embedding (or that shares it)."""
+    touched = [j for j in jobs.values() if is_output_layer(j.target.path)]
+    return bool(touched) and (bool(ckpt.config.get("tie_word_embeddings")) or any(j.source != j.output for j in touched))
+
+
+def plan_output(ckpt: Checkpoint, jobs: dict[str, Job], out_dtype: torch.dtype | None,
+                limit: int | None) -> tuple[list[list[PlannedTensor]], list[str]]:
+    """Output shards (the base's boundaries and file names, unless resharding to `limit` bytes) and their names."""
+    def planned(name: str, source: str) -> PlannedTensor:
+        info = ckpt.tensors[source]
+        return PlannedTensor(name, _cast_dtype(info.dtype, out_dtype), info.shape)
+
+    shards = [[planned(n, n) for n in ckpt.names(shard)] for shard in ckpt.shards]
+    shards[-1] += [planned(j.output, j.source) for j in jobs.values() if j.output not in ckpt.tensors]
+    if limit is not None:
+        shards = plan_shards([t for s in shards for t in s], limit)
+    elif ckpt.path.is_dir() and all(s.suffix == ".safetensors" for s in ckpt.shards):
+        return shards, [s.name for s in ckpt.shards]
+    return shards, shard_names(len(shards))
+
+
+def _cast_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
+    """--dtype applies to floating-point tensors only (integer buffers keep theirs)."""
+    return out_dtype if out_dtype is not None and dtype.is_floating_point else dtype
+
+
+def _parse_dtype(dtype: str) -> torch.dtype | None:
+    if dtype not in DTYPE_CHOICES:
+        raise LrsError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPE_CHOICES[dtype]
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device) -> Iterator[None]:
+    """One intra-op thread on the CPU: the work is memory-bound, and on a busy machine the thread pool's
+    spin-waiting made merges up to 10x slower than a single thread."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise LrsError(f"--device {device!r} is not auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LrsError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+Apply = Callable[[torch.Tensor, Params, str], torch.Tensor]
+
+
+def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str],
+                  jobs: dict[str, Job], apply: Apply, device: torch.device, bound: ErrorBound | None) -> None:
+    total = sum(len(s) for s in shards)
+    ticks = iter(progress(range(total), "merge" if bound is None else "unmerge", total=total, unit="tensor"))
+    for file, shard in zip(names, shards):
+        writer = SafetensorsWriter(tmp / file, shard)
+        for t in shard:
+            job = jobs.get(t.name)
+            if job is not None:
+                writer.write(t.name, _apply(ckpt, job, apply, t.dtype, device, bound))
+            elif t.dtype == ckpt.tensors[t.name].dtype:
+                writer.write(t.name, ckpt.raw(t.name))
+            else:
+                writer.write(t.name, ckpt.get(t.name).to(t.dtype))
+            next(ticks, None)
+        writer.close()
+
+
+def _apply(ckpt: Checkpoint, job: Job, apply: Apply, dtype: torch.dtype, device: torch.device,
+           bound: ErrorBound | None) -> torch.Tensor:
+    """W (Linear layout, float32, on `device`) through the method, rounded once to the output dtype."""
+    stored = ckpt.get(job.source).to(device)
+    weight = stored.float()
+    weight = weight.T if job.target.conv1d else weight
+    params = {n: p.to(device) for n, p in job.params.items()}
+    result = apply(weight, params, job.target.path)
+    peak = _peak(result)
+    if not peak <= torch.finfo(dtype).max:  # NaN fails this too
+        raise LrsError(f"{'merging' if bound is None else 'unmerging'} the adapter gives NaN or Inf in "
+                       f"{job.output} (module {job.target.path}, {str(dtype).removeprefix('torch.')}); nothing was written")
+    if bound is not None:
+        bound.add(job, weight, stored.dtype, peak, dtype, params)
+    rounded = result.to(dtype)
+    rounded = rounded.T if job.target.conv1d else rounded
+    return rounded.contiguous().cpu()
+
+
+def _peak(x: torch.Tensor) -> float:
+    """max |x| (NaN if any entry is NaN), from one cheap reduction."""
+    lo, hi = torch.aminmax(x)
+    return max(-float(lo), float(hi)) if not (lo.isnan() or hi.isnan()) else float("nan")
+
+
+class ErrorBound:
+    """How far an unmerged tensor can be from the original base (entrywise, maximised over touched tensors).
+
+    The merged input was rounded (at most half an ulp of its dtype) and the result is rounded once more.
+    When ΔW does not involve W, unmerge is W' − ΔW and the bound is exact: half an ulp of the largest
+    merged entry plus half an ulp of the largest result entry. When it does (FOSSIL bat), the input rounding
+    is carried through the method's unmerge entrywise, a first-order estimate.
+    """
+
+    def __init__(self, method: Method):
+        self.method = method
+        self.worst: dict[str, Any] = {"absolute": 0.0, "relative": 0.0, "tensor": None, "merged_dtype": None}
+
+    def add(self, job: Job, merged: torch.Tensor, merged_dtype: torch.dtype, peak: float, dtype: torch.dtype,
+            params: Params) -> None:
+        carried = half_ulp(_peak(merged), merged_dtype)
+        if self.method.needs_base_weight:
+            merged = merged.double()
+            ulps = torch.ldexp(torch.full_like(merged, torch.finfo(merged_dtype).eps / 2), torch.frexp(merged)[1] - 1)
+            path = job.target.path
+            carried = float((self.method.unmerge(merged + ulps, params, path).double()
+                             - self.method.unmerge(merged, params, path).double()).abs().max())
+        absolute = carried + half_ulp(peak, dtype)
+        relative = absolute / max(peak, torch.finfo(torch.float32).tiny)
+        if relative > self.worst["relative"]:
+            self.worst = {"absolute": absolute, "relative": relative, "tensor": job.output,
+                          "merged_dtype": str(merged_dtype).removeprefix("torch.")}
+
+
+def half_ulp(x: float, dtype: torch.dtype) -> float:
+    """Half a unit in the last place of x in `dtype`: the most that rounding to `dtype` moves a value near x."""
+    info = torch.finfo(dtype)
+    _, exponent = math.frexp(x)
+    return max(math.ldexp(info.eps, exponent - 1), info.smallest_normal * info.eps) / 2
+
+
+# ------------------------------------------------------------------------------------------------ side files
+
+
+def _write_side_files(ckpt: Checkpoint, tmp: Path, adapter: Adapter, report: MergeReport,
+                      out_dtype: torch.dtype | None) -> None:
+    """config (untied / retyped when needed), generation config and tokenizer files, and the model card."""
+    from .cards import merged_card
+
+    for path in ckpt.side_files():
+        if path.name != "config.json":
+            shutil.copy2(path, tmp / path.name)
+    config = dict(ckpt.config)
+    if report.untied:
+        config["tie_word_embeddings"] = False
+    if out_dtype is not None:
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = report.dtype
+    if config:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    card = merged_card(config, base_model=ckpt.source.id, adapter=adapter, adapter_source=report.adapter,
+                       base_revision=ckpt.source.revision, operation=report.operation, dtype=report.dtype)
+    (tmp / "README.md").write_text(card)
+

@@ -1,0 +1,277 @@
+"""Streaming merge and unmerge: PEFT and the ΔW formula as oracles, logits, round trips, layout, ties, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lowrank_surgery as lrs
+from lowrank_surgery.adapter import save_adapter
+from lowrank_surgery.cards import peft_loadable
+from lowrank_surgery.merge import merge, unmerge
+
+from conftest import build_model, load_causal_lm
+
+# How to build an adapter of each method (name -> {case: (rank, options)}); a method missing here is
+# tested with rank 4 and its defaults, so new methods join automatically.
+RECIPES: dict[str, dict[str, tuple[int, dict]]] = {
+    "fossil": {"balance": (5, {}), "mini": (4, {"variant": "mini", "mini_r": 8}), "bat": (8, {"variant": "bat"})},
+    "cola": {"fully": (4, {"strategy": "fully"}), "heuristic": (4, {"strategy": "heuristic"}),
+             "random": (4, {"strategy": "random"})},
+}
+CASES = [(m, case) for m in lrs.METHODS for case in RECIPES.get(m, {"default": (4, {})})]
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def make_adapter(method: str, case: str, base: Path, seed: int = 1, targets: str = "all-linear") -> lrs.Adapter:
+    """An adapter whose trainable parameters are moved away from their init, so that ΔW ≠ 0."""
+    r, options = RECIPES.get(method, {}).get(case, (4, {}))
+    adapter = lrs.init_adapter(method, base, r=r, alpha=2.0 * r, targets=targets, options=options, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    frozen = adapter.method.frozen
+    for params in adapter.weights.values():
+        for name, t in params.items():
+            if name not in frozen:
+                params[name] = t + 0.05 * torch.randn(t.shape, generator=gen)
+    return adapter
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = lrs.Checkpoint(path)
+    return {name: ckpt.get(name) for name in ckpt.names()}
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def assert_same_logits(merged: torch.Tensor, attached: torch.Tensor) -> None:
+    """Equal up to float32 noise: 1e-5 relative to the largest logit (PiSSA's ΔW cancels W-sized terms)."""
+    torch.testing.assert_close(merged, attached, rtol=1e-5, atol=1e-5 * max(1.0, float(attached.abs().max())))
+
+
+# ------------------------------------------------------------------------------------------------ correctness
+
+
+@pytest.mark.parametrize("method,case", CASES)
+def test_merge_formula_logits_and_roundtrip(llama, tmp_path, method, case):
+    """W + ΔW per tensor, untouched tensors byte-identical, same logits as the attached adapter, exact unmerge."""
+    adapter = make_adapter(method, case, llama)
+    lrs.save_adapter(adapter, tmp_path / "ad")
+    report = merge(tmp_path / "ad", llama, tmp_path / "merged")
+    assert report.modules == len(adapter.weights) and report.method == method
+    base, merged = tensors(llama), tensors(tmp_path / "merged")
+    assert merged.keys() == base.keys()
+    impl = adapter.method
+    for name, w in base.items():
+        path = name.removesuffix(".weight")
+        if path in adapter.weights:
+            expected = w + impl.delta(adapter.weights[path], w, path)
+            torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)
+            assert (merged[name] - w).abs().max() > 1e-3
+        else:
+            assert torch.equal(merged[name], w)
+
+    attached = lrs.attach(load_causal_lm(llama), lrs.load_adapter(tmp_path / "ad")).eval()
+    assert_same_logits(logits(load_causal_lm(tmp_path / "merged")), logits(attached))
+
+    unmerge(tmp_path / "ad", tmp_path / "merged", tmp_path / "back")
+    back = tensors(tmp_path / "back")
+    for name, w in base.items():
+        assert ((back[name] - w).norm() <= 1e-6 * w.norm()), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_matches_peft_merge_and_unload(tiny_models, tmp_path, arch):
+    """Every PEFT-loadable method (LoRA with non-zero B, FOSSIL) against PEFT, tensor by tensor; GPT-2 is Conv1D."""
+    from peft import PeftModel
+
+    base = tiny_models[arch]
+    checked = 0
+    for method, case in CASES:
+        adapter = make_adapter(method, case, base, targets="c_attn,c_fc" if arch == "gpt2" else "all-linear")
+        if not peft_loadable(adapter) or (arch == "gpt2" and adapter.method.peft_type != "LORA"):
+            continue  # PEFT's other tuners (MiSS) do not take transformers' Conv1D
+        lrs.save_adapter(adapter, tmp_path / f"{method}-{case}")
+        merge(tmp_path / f"{method}-{case}", base, tmp_path / f"m-{method}-{case}")
+        ours = tensors(tmp_path / f"m-{method}-{case}")
+        peft = PeftModel.from_pretrained(load_causal_lm(base), tmp_path / f"{method}-{case}").merge_and_unload()
+        theirs = peft.state_dict()
+        for name in ours:
+            if name in theirs:
+                torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-5, msg=name)
+        changed = [n for n in ours if n.removesuffix(".weight") in adapter.weights]
+        assert changed and all(n in theirs for n in changed)
+        checked += 1
+    assert checked >= 1
+
+
+def test_bf16_unmerge_is_correctly_rounded_and_bounded(tmp_path):
+    base = build_model("llama", tmp_path / "bf16", dtype=torch.bfloat16)
+    adapter = make_adapter("lora", "default", base)
+    lrs.save_adapter(adapter, tmp_path / "ad")
+    merge(tmp_path / "ad", base, tmp_path / "merged")
+    report = unmerge(tmp_path / "ad", tmp_path / "merged", tmp_path / "back")
+    original, merged, back = tensors(base), tensors(tmp_path / "merged"), tensors(tmp_path / "back")
+    impl, worst = adapter.method, 0.0
+    for name, w in original.items():
+        path = name.removesuffix(".weight")
+        assert back[name].dtype == torch.bfloat16
+        if path not in adapter.weights:
+            assert torch.equal(back[name], w)
+            continue
+        delta = impl.delta(adapter.weights[path], w.float(), path).double()
+        exact = merged[name].double() - delta
+        ulp = torch.ldexp(torch.full_like(exact, 2.0**-7), torch.frexp(exact)[1] - 1)
+        assert ((back[name].double() - exact.to(torch.bfloat16).double()).abs() <= ulp).all(), name
+        worst = max(worst, float((back[name].double() - w.double()).abs().max()))
+    bound = report.error_bound
+    assert bound["merged_dtype"] == "bfloat16" and bound["tensor"] in original
+    assert 0 < worst <= bound["absolute"] and bound["relative"] <= 2**-6
+
+
+def test_multishard_layout_kept_or_resharded(llama, tmp_path):
+    adapter = make_adapter("lora", "default", llama, targets="q_proj,v_proj")
+    lrs.save_adapter(adapter, tmp_path / "ad")
+    merge(tmp_path / "ad", llama, tmp_path / "same")
+    files = lambda p: sorted(f.name for f in p.iterdir())  # noqa: E731
+    assert files(tmp_path / "same") == sorted(files(llama) + ["README.md"])
+    index = lambda p: json.loads((p / "model.safetensors.index.json").read_text())["weight_map"]  # noqa: E731
+    assert index(tmp_path / "same") == index(llama)
+    readme = (tmp_path / "same" / "README.md").read_text()
+    assert "lora" in readme and str(llama) in readme and "q_proj" in readme
+
+    report = merge(tmp_path / "ad", llama, tmp_path / "small", max_shard_size="30KB", dtype="bfloat16")
+    shards = sorted((tmp_path / "small").glob("*.safetensors"))
+    assert len(shards) == len(report.shards) > 3 and all(s.stat().st_size < 200_000 for s in shards)
+    small = tensors(tmp_path / "small")
+    assert set(index(tmp_path / "small")) == set(small) == set(index(llama))
+    assert all(t.dtype == torch.bfloat16 for t in small.values())
+    torch.testing.assert_close(small["lm_head.weight"], tensors(llama)["lm_head.weight"].bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_tied_output_layer_is_untied(tiny_models, tmp_path, arch):
+    """An adapter on a tied lm_head (absent from the checkpoint) writes it separately and unties the config."""
+    base = tiny_models[arch]
+    gen = torch.Generator().manual_seed(0)
+    config = lrs.AdapterConfig(method="lora", r=2, alpha=2.0, target_modules=["lm_head"])
+    adapter = lrs.Adapter(config, {"lm_head": {"lora_A.weight": torch.randn(2, 64, generator=gen) * 0.1,
+                                               "lora_B.weight": torch.randn(128, 2, generator=gen) * 0.1}})
+    report = merge(adapter, base, tmp_path / "merged")
+    assert report.untied == ["lm_head.weight"]
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    merged, original = tensors(tmp_path / "merged"), tensors(base)
+    embedding = next(n for n in original if n.endswith(("embed_tokens.weight", "wte.weight")))
+    assert torch.equal(merged[embedding], original[embedding])
+    assert (merged["lm_head.weight"] - original[embedding]).abs().max() > 1e-3
+    attached = lrs.attach(load_causal_lm(base), adapter).eval()
+    assert_same_logits(logits(load_causal_lm(tmp_path / "merged")), logits(attached))
+
+
+# ------------------------------------------------------------------------------------------------ CLI and bad input
+
+
+def test_cli_merge_unmerge_json_and_text(lrs, llama, tmp_path):
+    adapter = make_adapter("lora", "default", llama, targets="q_proj")
+    save_adapter(adapter, tmp_path / "ad")
+    res = lrs("merge", tmp_path / "ad", llama, tmp_path / "m", "--dtype", "bfloat16", "--json")
+    assert res.code == 0, res.stderr
+    assert json.loads(res.stdout)["modules"] == 2
+    res = lrs("unmerge", tmp_path / "ad", tmp_path / "m", tmp_path / "u")
+    assert res.code == 0, res.stderr
+    assert "unmerged lora adapter (2 modules)" in res.stdout and "distance from the original base: at most" in res.stdout
+    assert "bfloat16" in res.stdout
+    for command in ("merge", "unmerge"):
+        assert f"Example: lrs {command}" in lrs(command, "--help").stdout
+
+
+def _wrong_shape(llama, tmp_path) -> Path:
+    adapter = make_adapter("lora", "default", llama, targets="q_proj")
+    params = adapter.weights["model.layers.1.self_attn.q_proj"]
+    params["lora_A.weight"] = torch.zeros(4, 32)
+    save_adapter(adapter, tmp_path / "wrong-shape")
+    return tmp_path / "wrong-shape"
+
+
+def _bad_cases(tiny_models, tmp_path) -> dict[str, list]:
+    llama = tiny_models["llama"]
+    good = make_adapter("lora", "default", llama, targets="q_proj")
+    save_adapter(good, tmp_path / "good")
+    save_adapter(make_adapter("lora", "default", tiny_models["gpt2"]), tmp_path / "gpt2-adapter")
+    infinite = make_adapter("lora", "default", llama, targets="q_proj")
+    infinite.weights["model.layers.0.self_attn.q_proj"]["lora_B.weight"][0, 0] = float("inf")
+    save_adapter(infinite, tmp_path / "infinite")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in llama.iterdir():
+        data = f.read_bytes()
+        (corrupt / f.name).write_bytes(data[:-64] if f.name.endswith("00002-of-00003.safetensors") else data)
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    return {
+        "it has module transformer.h.0.attn.c_attn, which": [tmp_path / "gpt2-adapter", llama, "OUT"],
+        "model.layers.1.self_attn.q_proj.lora_A.weight has shape [4, 32]": [_wrong_shape(llama, tmp_path), llama, "OUT"],
+        "truncated": [tmp_path / "good", corrupt, "OUT"],
+        "already exists; pass --force": [tmp_path / "good", llama, exists],
+        "NaN or Inf in model.layers.0.self_attn.q_proj.weight": [tmp_path / "infinite", llama, "OUT"],
+    }
+
+
+def _assert_clean_failure(res, expected: str, tmp_path: Path, out: Path) -> None:
+    assert res.code == 1, (expected, res)
+    assert expected in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert not out.exists() or out.name == "exists"
+    assert not [p for p in tmp_path.iterdir() if ".lrs-tmp" in p.name]
+
+
+def test_bad_input_exits_1_with_one_line_and_leaves_nothing(lrs, tiny_models, tmp_path):
+    for expected, (adapter, base, out) in _bad_cases(tiny_models, tmp_path).items():
+        out = tmp_path / "out" if out == "OUT" else out
+        _assert_clean_failure(lrs("merge", adapter, base, out), expected, tmp_path, out)
+
+
+def test_no_space_left_removes_the_temporary_output(lrs, llama, tmp_path, monkeypatch):
+    save_adapter(make_adapter("lora", "default", llama, targets="q_proj"), tmp_path / "ad")
+    calls = []
+
+    def full_disk(self, name, data):
+        calls.append(name)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lowrank_surgery.merge.SafetensorsWriter.write", full_disk)
+    res = lrs("merge", tmp_path / "ad", llama, tmp_path / "out")
+    _assert_clean_failure(res, "no space left on device", tmp_path, tmp_path / "out")
+    assert len(calls) == 4
+
+
+def test_killed_merge_leaves_no_output(tmp_path):
+    """SIGTERM while `lrs merge` writes: the run stops, and neither OUT nor its temporary directory remains."""
+    big = {f"layers.{i}.proj.weight": torch.randn(1024, 1024) for i in range(16)}
+    save_file(big, tmp_path / "base.safetensors")
+    save_adapter(make_adapter("lora", "default", tmp_path / "base.safetensors"), tmp_path / "ad")
+    out = tmp_path / "out"
+    cli = "from lowrank_surgery.cli.app import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", cli, "merge", str(tmp_path / "ad"), str(tmp_path / "base.safetensors"),
+                             str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.lrs-tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGSTOP)  # freeze it mid-write, so the signal lands before it can finish
+    assert proc.poll() is None, "the merge finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.lrs-*"))
