@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,20 +22,34 @@ from lowrank_surgery.merge import merge, unmerge
 
 from conftest import build_model, load_causal_lm
 
-# How to build an adapter of each method (name -> {case: (rank, options)}); a method missing here is
-# tested with rank 4 and its defaults, so new methods join automatically.
-RECIPES: dict[str, dict[str, tuple[int, dict]]] = {
+# How to build an adapter of each method: name -> {case: (rank, options)}, where options may be a function of
+# the base path (for inputs built from it). A method missing here is tested with rank 4 and its defaults, so
+# new methods join automatically.
+def _subspace(base: Path) -> str:
+    """A CoRA subspace (rank 8, q/k/v) of `base`, built once next to it."""
+    from lowrank_surgery.subspace import extract_subspace
+
+    out = base.parent / f"{base.name}-subspace"
+    if not out.exists():
+        extract_subspace([base], out, rank=8)
+    return str(out)
+
+
+RECIPES: dict[str, dict[str, tuple[int, dict | Callable[[Path], dict]]]] = {
     "fossil": {"balance": (5, {}), "mini": (4, {"variant": "mini", "mini_r": 8}), "bat": (8, {"variant": "bat"})},
     "cola": {"fully": (4, {"strategy": "fully"}), "heuristic": (4, {"strategy": "heuristic"}),
              "random": (4, {"strategy": "random"})},
+    "cora": {"frozen": (4, lambda base: {"subspace": _subspace(base)}),
+             "init": (4, lambda base: {"subspace": _subspace(base), "cora_mode": "init"})},
 }
 CASES = [(m, case) for m in lrs.METHODS for case in RECIPES.get(m, {"default": (4, {})})]
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-def make_adapter(method: str, case: str, base: Path, seed: int = 1, targets: str = "all-linear") -> lrs.Adapter:
-    """An adapter whose trainable parameters are moved away from their init, so that ΔW ≠ 0."""
+def make_adapter(method: str, case: str, base: Path, seed: int = 1, targets: str | None = None) -> lrs.Adapter:
+    """An adapter (on the method's default targets) whose trainable parameters are moved off their init: ΔW ≠ 0."""
     r, options = RECIPES.get(method, {}).get(case, (4, {}))
+    options = options(base) if callable(options) else options
     adapter = lrs.init_adapter(method, base, r=r, alpha=2.0 * r, targets=targets, options=options, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     frozen = adapter.method.frozen
@@ -98,10 +113,10 @@ def test_merge_matches_peft_merge_and_unload(tiny_models, tmp_path, arch):
 
     base = tiny_models[arch]
     checked = 0
-    for method, case in CASES:
-        adapter = make_adapter(method, case, base, targets="c_attn,c_fc" if arch == "gpt2" else "all-linear")
-        if not peft_loadable(adapter) or (arch == "gpt2" and adapter.method.peft_type != "LORA"):
-            continue  # PEFT's other tuners (MiSS) do not take transformers' Conv1D
+    for method, case in CASES if arch == "llama" else [("lora", "default")]:  # GPT-2: Conv1D, LoRA only in PEFT
+        adapter = make_adapter(method, case, base)
+        if not peft_loadable(adapter):
+            continue
         lrs.save_adapter(adapter, tmp_path / f"{method}-{case}")
         merge(tmp_path / f"{method}-{case}", base, tmp_path / f"m-{method}-{case}")
         ours = tensors(tmp_path / f"m-{method}-{case}")

@@ -101,13 +101,19 @@ class Method:
 
     def merge(self, weight: torch.Tensor, params: Params, path: str) -> torch.Tensor:
         """W' = W + ΔW, in float32 (or float64 where a method needs it)."""
-        w = weight.float()
-        return w + self.delta(params, w, path)
+        return self._shift(weight.float(), params, path, 1.0)
 
     def unmerge(self, merged: torch.Tensor, params: Params, path: str) -> torch.Tensor:
         """The W with merge(W) = merged."""
-        w = merged.float()
-        return w - self.delta(params, None, path)
+        return self._shift(merged.float(), params, path, -1.0)
+
+    def _shift(self, w: torch.Tensor, params: Params, path: str, sign: float) -> torch.Tensor:
+        """w ± ΔW; when ΔW is the pair's s·B·A (delta not overridden), one fused addmm with no ΔW temporary."""
+        pair = self.pair(params, shape=tuple(w.shape)) if type(self).delta is Method.delta else None
+        if pair is None:
+            return w + self.delta(params, w, path) if sign > 0 else w - self.delta(params, None, path)
+        b, a = (t.to(w.dtype) for t in pair)
+        return torch.addmm(w, b, a, alpha=sign * self.config.scale(path))
 
     # ------------------------------------------------------------------ training
     def forward(self, layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
