@@ -17,6 +17,7 @@ from lowrank_surgery.initialize import load_weight
 from lowrank_surgery.targets import linear_targets
 
 from conftest import load_causal_lm
+from test_cora import subspace_for
 
 # (method, rank, options): every registered method runs with (rank 4, no options) unless listed here;
 # extra cases are variants of registered methods. FOSSIL balance with r=5 pads the input fold.
@@ -28,6 +29,8 @@ CASES = list(ls.METHODS) + [k for k, (m, _, _) in INIT.items() if m in ls.METHOD
 def _trained(base, case: str, seed: int = 1) -> ls.Adapter:
     """An adapter of `case` whose trainable parameters moved away from their init, as after training."""
     method, r, options = INIT.get(case, (case, 4, {}))
+    if method == "cora":  # CoRA needs a subspace of the base
+        options = {**options, "subspace": str(subspace_for(base))}
     adapter = ls.init_adapter(method, base, r=r, alpha=2.0 * r + 1, targets="all-linear", options=options)
     gen = torch.Generator().manual_seed(seed)
     for params in adapter.weights.values():

@@ -8,11 +8,12 @@ from ..adapter import AdapterConfig
 from ..errors import LrsError
 from .base import Method
 from .cola import CoLA
+from .cora import CoRA
 from .fossil import Fossil
 from .lora import LoRA
 from .pissa import PiSSA
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LoRA, PiSSA, CoLA, Fossil)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LoRA, CoRA, PiSSA, CoLA, Fossil)}
 
 
 def get_method(config: AdapterConfig) -> Method:

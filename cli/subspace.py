@@ -1,0 +1,52 @@
+"""`lrs extract-subspace`."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from ..subspace import DEFAULT_TARGETS, extract_subspace as extract, summary_rows
+from .base import app, print_json, say, table
+
+
+class Scope(str, Enum):
+    layer = "layer"
+    model = "model"
+
+
+class Algorithm(str, Enum):
+    gram = "gram"
+    exact = "exact"
+    randomized = "randomized"
+
+
+@app.command("extract-subspace",
+             epilog="Example: lrs extract-subspace ./SmolLM2-135M ./SmolLM2-135M-base --out smol-subspace --rank 64")
+def extract_subspace(
+    models: list[str] = typer.Argument(..., help="One or more checkpoints of the same architecture (directories, "
+                                                 ".safetensors files or Hub ids)."),
+    out: Path = typer.Option(..., "--out", help="Subspace directory to write."),
+    rank: int = typer.Option(64, "--rank", "-r", help="Columns of each basis."),
+    targets: str = typer.Option(DEFAULT_TARGETS, "--targets", help="Comma list of module names or regexes, or all-linear."),
+    scope: Scope = typer.Option(Scope.layer, "--scope", help="layer: one basis per module path; "
+                                                              "model: one per module type, over all layers."),
+    algorithm: Algorithm = typer.Option(Algorithm.gram, "--algorithm",
+                                        help="gram: exact, eigh of the float64 Gram Σ W Wᵀ (fastest exact route); "
+                                             "exact: torch.linalg.svd of [W_1|W_2|…]; randomized: Halko et al."),
+    niter: int = typer.Option(4, "--niter", help="Power iterations of the randomized algorithm."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision of the models."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print subspace.json."),
+) -> None:
+    """Compute CoRA common subspaces (top-r left singular vectors of the concatenated weights)."""
+    info = extract(models, out, rank=rank, targets=targets, scope=scope.value, algorithm=algorithm.value,
+                   niter=niter, device=device, revision=revision, force=force)
+    if as_json:
+        print_json(info)
+        return
+    say(table(summary_rows(info), ["name", "shape", "rank", "energy"]))
+    say(f"wrote {len(info['energy'])} bases to {out} ({info['algorithm']}, scope {info['scope']}, "
+        f"{info['wall_time_s']:.1f} s)")

@@ -1,0 +1,67 @@
+"""CoRA: LoRA whose B is a common subspace U_r computed offline (`lrs extract-subspace`). A plain LoRA on disk.
+
+B := the first r columns of the subspace basis for the module (by module path for scope `layer`, by module
+type for scope `model`), so r may be at most the subspace's rank. A := 0 (the model is unchanged at init)
+or Kaiming-uniform as LoRA's (the paper's random A). Mode `frozen` trains A only; mode `init` trains both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..adapter import AdapterConfig
+from ..errors import LrsError
+from ..targets import Target
+from .lora import LoRA, kaiming_a
+
+MODES = ("frozen", "init")
+A_INITS = ("zeros", "kaiming")
+
+
+class CoRA(LoRA):
+    name = "cora"
+    defaults = {"subspace": None, "cora_mode": "frozen", "a_init": "zeros"}
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        options = config.options
+        if options.get("cora_mode", "frozen") not in MODES:
+            raise LrsError(f"unknown --cora-mode {options['cora_mode']!r} (known: {', '.join(MODES)})")
+        if options.get("a_init", "zeros") not in A_INITS:
+            raise LrsError(f"unknown --a-init {options['a_init']!r} (known: {', '.join(A_INITS)})")
+
+    @classmethod
+    def default_targets(cls, options: dict[str, Any]) -> str:
+        """The module types the subspace was built for."""
+        return ",".join(_subspace(options).info["targets"])
+
+    @property
+    def frozen(self) -> set[str]:
+        return {"lora_B.weight"} if self.config.options.get("cora_mode", "frozen") == "frozen" else set()
+
+    def init(self, targets: Sequence[Target], weights: Sequence[torch.Tensor] | None,
+             generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+        subspace = _subspace(self.config.options)
+        rank = int(subspace.info["rank"])
+        self.config.provenance.update(subspace=subspace.id, subspace_hash=subspace.hash)
+        params = []
+        for t in targets:
+            r = self.config.rank(t.path)
+            if r > rank:
+                raise LrsError(f"--rank {r} for {t.path} exceeds the subspace's rank {rank} (CoRA takes its first r columns)")
+            b = subspace.basis(t)[:, :r].contiguous()
+            a = kaiming_a(r, t.in_features, generator) if self.config.options.get("a_init") == "kaiming" \
+                else torch.zeros(r, t.in_features)
+            params.append({"lora_A.weight": a, "lora_B.weight": b})
+        return params
+
+
+def _subspace(options: dict[str, Any]):
+    from ..subspace import load_subspace
+
+    if not options.get("subspace"):
+        raise LrsError("--method cora needs --subspace DIR (from lrs extract-subspace)")
+    return load_subspace(options["subspace"])
