@@ -123,9 +123,10 @@ def test_training_lowers_eval_loss_and_writes_an_adapter(setup, tmp_path):
 
 
 def test_resume_gives_the_uninterrupted_losses(setup, tmp_path):
+    adapter = lrs.init_adapter("lora", setup["base"], r=4, seed=1, dropout=0.2)  # dropout: the RNG state must resume too
     args = dict(steps=6, lr=1e-2, batch_size=4, seq_len=32, save_every=3, seed=5)
     straight = tmp_path / "straight"
-    train(setup["adapter"], setup["base"], setup["data"], straight, **args)
+    train(adapter, setup["base"], setup["data"], straight, **args)
 
     def interrupt(record):
         if record["step"] == 4:
@@ -133,10 +134,10 @@ def test_resume_gives_the_uninterrupted_losses(setup, tmp_path):
 
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        train(setup["adapter"], setup["base"], setup["data"], cut, on_log=interrupt, **args)
+        train(adapter, setup["base"], setup["data"], cut, on_log=interrupt, **args)
     assert json.loads((cut / STATE_DIR / "state.json").read_text())["step"] == 3
     assert len(losses(cut)) == 3
-    summary = train(setup["adapter"], setup["base"], setup["data"], cut, resume=True, **args)
+    summary = train(adapter, setup["base"], setup["data"], cut, resume=True, **args)
     assert summary["resumed_from"] == 3
     assert losses(cut) == losses(straight)  # exactly, not approximately
     a, b = lrs.load_adapter(cut), lrs.load_adapter(straight)
