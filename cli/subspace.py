@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..subspace import DEFAULT_TARGETS, extract_subspace as extract, summary_rows
+from ..subspace import DEFAULT_NITER, DEFAULT_TARGETS, extract_subspace as extract, summary_rows
 from .base import app, print_json, say, table
 
 
@@ -35,7 +35,7 @@ def extract_subspace(
     algorithm: Algorithm = typer.Option(Algorithm.gram, "--algorithm",
                                         help="gram: exact, eigh of the float64 Gram Σ W Wᵀ (fastest exact route); "
                                              "exact: torch.linalg.svd of [W_1|W_2|…]; randomized: Halko et al."),
-    niter: int = typer.Option(4, "--niter", help="Power iterations of the randomized algorithm."),
+    niter: int = typer.Option(DEFAULT_NITER, "--niter", help="Power iterations of the randomized algorithm."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     revision: str = typer.Option(None, "--revision", help="Hub revision of the models."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),

@@ -88,13 +88,16 @@ def inspect_adapter(path: Path) -> dict[str, Any]:
     }
 
 
+NESTED = {"module_types", "energy", "shapes"}  # dicts shown one entry per line
+
+
 def format_summary(info: dict[str, Any]) -> str:
     """A readable, aligned key: value listing."""
     width = max(len(k) for k in info)
     lines = []
     for key, value in info.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items()) if key != "module_types" else "\n" + "\n".join(
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) if key not in NESTED else "\n" + "\n".join(
                 f"{'':{width + 4}}{k}: {v}" for k, v in value.items())
         elif isinstance(value, list):
             value = ", ".join(map(str, value))
