@@ -60,4 +60,5 @@ def train(
 def _log_line(record: dict) -> None:
     """Evaluation results as lines when there is no progress bar (logs, CI)."""
     if "eval_loss" in record:
-        say(f"step {record['step']}: loss {record['loss']:.4f}, eval loss {record['eval_loss']:.4f}")
+        loss = f"loss {record['loss']:.4f}, " if "loss" in record else ""
+        say(f"step {record['step']}: {loss}eval loss {record['eval_loss']:.4f}")

@@ -123,6 +123,8 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
 
     if eval_set is not None and start == 0:
         records.append({"step": 0, "eval_loss": evaluate()})
+        if ctx.main and on_log:
+            on_log(records[-1])
     saved, bar, began = start, _bar(total, start, ctx), time.perf_counter()
     for step in range(start, total):
         rate = lr_at(step, total, lr, settings["warmup"])

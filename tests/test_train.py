@@ -209,6 +209,9 @@ def test_cli_trains_and_reports(lrs, setup, tmp_path):
     res = lrs("train", setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--out", out,
               "--steps", "2", "--batch-size", "4", "--seq-len", "8", "--resume")
     assert res.code == 0 and "trained 2 steps" in res.stdout  # nothing left to do
+    res = lrs("train", setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--out", out, "--force",
+              "--steps", "2", "--batch-size", "4", "--seq-len", "16", "--eval-data", setup["eval"], "--eval-every", "1")
+    assert res.code == 0 and "step 0: eval loss" in res.stdout and "step 2: loss" in res.stdout, res.stdout
 
 
 def test_cli_bad_input_is_one_line(lrs, setup, chat_models, tmp_path):
