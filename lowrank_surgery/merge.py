@@ -8,13 +8,16 @@ tensors are copied as raw bytes. Every method goes through `Method.merge` / `Met
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from .methods.base import Method, Params
 from .progress import progress
 from .targets import Target, is_output_layer, linear_targets
 
+WORKERS = min(4, os.cpu_count() or 1)  # tensors produced concurrently (each with one torch thread on the CPU)
 DTYPE_CHOICES: dict[str, torch.dtype | None] = {
     "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }
@@ -99,7 +103,7 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle)
     method = adapter.method
-    jobs = plan_jobs(ckpt, adapter, method)
+    jobs = plan_jobs(ckpt, adapter, method, from_base=operation == "merge")
     shards, names = plan_output(ckpt, jobs, out_dtype, limit)
     untied = [j.output for j in jobs.values() if is_output_layer(j.target.path)] if _unties(ckpt, jobs) else []
     report = MergeReport(
@@ -121,16 +125,30 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
 # ------------------------------------------------------------------------------------------------ planning
 
 
-def plan_jobs(ckpt: Checkpoint, adapter: Adapter, method: Method) -> dict[str, Job]:
-    """Every adapter module matched to its base tensor and checked to fit, before anything is written."""
+def plan_jobs(ckpt: Checkpoint, adapter: Adapter, method: Method, from_base: bool = True) -> dict[str, Job]:
+    """Every adapter module matched to its base tensor and checked to fit, before anything is written.
+
+    Parameters an imported adapter lacks (`Method.completable`) are recomputed from the base when `ckpt`
+    is the base (`from_base`); a merged checkpoint cannot give them back, so unmerge refuses instead.
+    """
     linear = {t.path: t for t in linear_targets(ckpt)}
-    jobs = {}
-    for path, params in adapter.weights.items():
-        job = _job(ckpt, linear, path, params)
+    jobs = {path: _job(ckpt, linear, path, params) for path, params in adapter.weights.items()}
+    missing = sorted({f"{path}.{n}" for path, params in adapter.weights.items()
+                      for n in set(method.param_names) - set(params)})
+    if missing and not from_base:
+        raise LrsError(f"adapter lacks {missing[0]}, which is recomputed from the original base: "
+                       "unmerge needs an adapter that holds all its parameters")
+    method.complete(adapter.weights, lambda path: _linear_weight(ckpt, jobs[path]))
+    for job in jobs.values():
         method.validate(job.target)
-        method.check_fits(job.target, params)
-        jobs[job.output] = job
-    return jobs
+        method.check_fits(job.target, job.params)
+    return {job.output: job for job in jobs.values()}
+
+
+def _linear_weight(ckpt: Checkpoint, job: Job) -> torch.Tensor:
+    """A job's W in nn.Linear layout, float32."""
+    w = read_tensor(ckpt, job.source).float()
+    return w.T.contiguous() if job.target.conv1d else w
 
 
 def _job(ckpt: Checkpoint, linear: dict[str, Target], path: str, params: Params) -> Job:
@@ -225,26 +243,73 @@ Apply = Callable[[torch.Tensor, Params, str], torch.Tensor]
 
 def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str],
                   jobs: dict[str, Job], apply: Apply, device: torch.device, bound: ErrorBound | None) -> None:
-    total = sum(len(s) for s in shards)
-    ticks = iter(progress(range(total), "merge" if bound is None else "unmerge", total=total, unit="tensor"))
-    for file, shard in zip(names, shards):
-        writer = SafetensorsWriter(tmp / file, shard)
-        for t in shard:
-            job = jobs.get(t.name)
-            if job is not None:
-                writer.write(t.name, _apply(ckpt, job, apply, t.dtype, device, bound))
-            elif t.dtype == ckpt.tensors[t.name].dtype:
-                writer.write(t.name, ckpt.raw(t.name))
-            else:
-                writer.write(t.name, ckpt.get(t.name).to(t.dtype))
-            next(ticks, None)
-        writer.close()
+    """Tensors are produced by a few worker threads (reads and torch ops release the GIL) and written here in
+    plan order; what is in flight is capped at the largest shard (or the largest single tensor's work)."""
+    items = [(file, t) for file, shard in zip(names, shards) for t in shard]
+    costs = [_cost(ckpt, t, jobs.get(t.name)) for _, t in items]
+    budget = max(costs + [max(shard.stat().st_size for shard in ckpt.shards)])
+    ticks = iter(progress(range(len(items)), "merge" if bound is None else "unmerge", total=len(items), unit="tensor"))
+    pending: collections.deque = collections.deque()
+    writer: SafetensorsWriter | None = None
+
+    def flush() -> None:
+        nonlocal writer
+        file, t, future, _ = pending.popleft()
+        if writer is None or writer.path.name != file:
+            if writer is not None:
+                writer.close()
+            writer = SafetensorsWriter(tmp / file, shards[names.index(file)])
+        writer.write(t.name, future.result())
+        next(ticks, None)
+
+    pool = ThreadPoolExecutor(WORKERS)
+    try:
+        for (file, t), cost in zip(items, costs):
+            while pending and sum(p[3] for p in pending) + cost > budget:
+                flush()
+            pending.append((file, t, pool.submit(_produce, ckpt, t, jobs.get(t.name), apply, device, bound), cost))
+        while pending:
+            flush()
+        if writer is not None:
+            writer.close()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cost(ckpt: Checkpoint, t: PlannedTensor, job: Job | None) -> int:
+    """Bytes a tensor holds while in flight: its bytes, or for a targeted one its input, float32 copy and result."""
+    if job is None:
+        return ckpt.tensors[t.name].nbytes + (t.nbytes if t.dtype != ckpt.tensors[t.name].dtype else 0)
+    return ckpt.tensors[job.source].nbytes + t.nbytes + 8 * math.prod(t.shape)
+
+
+def _produce(ckpt: Checkpoint, t: PlannedTensor, job: Job | None, apply: Apply, device: torch.device,
+             bound: ErrorBound | None) -> torch.Tensor | bytes:
+    """The data of one output tensor: computed, cast, or the base's bytes as they are."""
+    if job is not None:
+        return _apply(ckpt, job, apply, t.dtype, device, bound)
+    if t.dtype == ckpt.tensors[t.name].dtype:
+        return ckpt.raw(t.name)
+    return read_tensor(ckpt, t.name).to(t.dtype)
+
+
+def read_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """One tensor read straight into its own memory (a single copy out of the page cache)."""
+    info = ckpt.info(name)
+    if info.shard.suffix != ".safetensors" or not info.nbytes:
+        return ckpt.get(name)
+    data = torch.empty(info.nbytes, dtype=torch.uint8)
+    with open(info.shard, "rb") as f:
+        f.seek(info.start)
+        if f.readinto(data.numpy()) != info.nbytes:
+            raise LrsError(f"corrupt safetensors file {info.shard}: tensor {name} is truncated")
+    return data.view(info.dtype).reshape(info.shape)
 
 
 def _apply(ckpt: Checkpoint, job: Job, apply: Apply, dtype: torch.dtype, device: torch.device,
            bound: ErrorBound | None) -> torch.Tensor:
     """W (Linear layout, float32, on `device`) through the method, rounded once to the output dtype."""
-    stored = ckpt.get(job.source).to(device)
+    stored = read_tensor(ckpt, job.source).to(device)
     weight = stored.float()
     weight = weight.T if job.target.conv1d else weight
     params = {n: p.to(device) for n, p in job.params.items()}
@@ -278,6 +343,7 @@ class ErrorBound:
     def __init__(self, method: Method):
         self.method = method
         self.worst: dict[str, Any] = {"absolute": 0.0, "relative": 0.0, "tensor": None, "merged_dtype": None}
+        self._lock = threading.Lock()  # tensors are unmerged by several worker threads
 
     def add(self, job: Job, merged: torch.Tensor, merged_dtype: torch.dtype, peak: float, dtype: torch.dtype,
             params: Params) -> None:
@@ -290,9 +356,10 @@ class ErrorBound:
                              - self.method.unmerge(merged, params, path).double()).abs().max())
         absolute = carried + half_ulp(peak, dtype)
         relative = absolute / max(peak, torch.finfo(torch.float32).tiny)
-        if relative > self.worst["relative"]:
-            self.worst = {"absolute": absolute, "relative": relative, "tensor": job.output,
-                          "merged_dtype": str(merged_dtype).removeprefix("torch.")}
+        with self._lock:
+            if relative > self.worst["relative"]:
+                self.worst = {"absolute": absolute, "relative": relative, "tensor": job.output,
+                              "merged_dtype": str(merged_dtype).removeprefix("torch.")}
 
 
 def half_ulp(x: float, dtype: torch.dtype) -> float:

@@ -131,6 +131,22 @@ def test_merge_matches_peft_merge_and_unload(tiny_models, tmp_path, arch):
     assert checked >= 1
 
 
+@pytest.mark.parametrize("method", [m for m, cls in lrs.METHODS.items() if cls.completable])
+def test_adapter_lacking_completable_parameters(llama, tmp_path, method):
+    """Parameters an imported adapter may lack are recomputed from the base at merge; unmerge refuses without them."""
+    full = make_adapter(method, next(iter(RECIPES.get(method, {"default": None}))), llama)
+    lacking = lambda: lrs.Adapter(full.config, {  # noqa: E731  (merge completes it in place: a fresh one each time)
+        path: {n: t for n, t in params.items() if n not in full.method.completable} for path, params in full.weights.items()})
+    merge(full, llama, tmp_path / "full")
+    merge(lacking(), llama, tmp_path / "lacking")
+    completed = tensors(tmp_path / "lacking")
+    for name, t in tensors(tmp_path / "full").items():
+        torch.testing.assert_close(completed[name], t, rtol=1e-6, atol=1e-6, msg=name)
+    with pytest.raises(lrs.LrsError, match="recomputed from the original base"):
+        unmerge(lacking(), tmp_path / "full", tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+
+
 def test_bf16_unmerge_is_correctly_rounded_and_bounded(tmp_path):
     base = build_model("llama", tmp_path / "bf16", dtype=torch.bfloat16)
     adapter = make_adapter("lora", "default", base)
