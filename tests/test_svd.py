@@ -13,6 +13,15 @@ from lowrank_surgery.svd import ALGORITHMS, GramAccumulator, common_basis, resol
 EXACT = ("exact", "gram")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These matrices are tiny: extra BLAS threads only fight other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
