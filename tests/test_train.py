@@ -163,8 +163,15 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypat
 @pytest.mark.parametrize("method", sorted(lrs.METHODS))
 def test_every_method_trains_only_its_trainable_parameters(method, chat_models, tmp_path):
     base = chat_models["gpt2"] if method == "lora" else chat_models["llama"]  # gpt2: Conv1D layers
-    start = lrs.init_adapter(method, base, r=4, seed=2, targets="all-linear")
+    options = {}
+    if method == "cora":  # CoRA's B comes from a common subspace of the base; frozen mode trains A only
+        from lowrank_surgery.subspace import extract_subspace
+
+        extract_subspace([base], tmp_path / "subspace", rank=4, targets="all-linear", device="cpu")
+        options = {"subspace": str(tmp_path / "subspace"), "cora_mode": "frozen"}
+    start = lrs.init_adapter(method, base, r=4, seed=2, targets="all-linear", options=options)
     frozen = start.method.frozen
+    assert method != "cora" or frozen == {"lora_B.weight"}
     data = write_jsonl(tmp_path / "chat.jsonl", CHATS)
     train(start, base, data, tmp_path / "out", steps=3, lr=1e-2, batch_size=4, seq_len=48)
     after = lrs.load_adapter(tmp_path / "out").weights
