@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_init import machine  # benchmarks/ is on sys.path when run as a script
 
 WORDS = ("the model adapter rank low matrix train weight update layer token learn small fast data loss step "
          "shard basis common space value query key output input").split()
@@ -98,12 +98,6 @@ def measure(args: argparse.Namespace, who: str, adapter: Path, data: Path, work:
     if done.returncode:
         raise SystemExit(f"{who} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, "
-            f"torch {torch.__version__}, torch threads {torch.get_num_threads()}")
 
 
 def main() -> None:
