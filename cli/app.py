@@ -8,7 +8,7 @@ import typer
 
 from .. import progress
 from ..errors import LrsError
-from . import adapters, convert, inspect, merge, push, train  # noqa: F401  (commands register themselves on import)
+from . import adapters, convert, inspect, merge, push, subspace, train  # noqa: F401  (commands register themselves on import)
 from .base import STATE, app
 
 GLOBAL_FLAGS = ("--debug", "--quiet")
