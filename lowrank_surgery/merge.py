@@ -293,12 +293,13 @@ def _produce(ckpt: Checkpoint, t: PlannedTensor, job: Job | None, apply: Apply, 
     return read_tensor(ckpt, t.name).to(t.dtype)
 
 
-def read_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    """One tensor read straight into its own memory (a single copy out of the page cache)."""
+def read_tensor(ckpt: Checkpoint, name: str, scratch: str | None = None) -> torch.Tensor:
+    """One tensor read straight into memory (a single copy out of the page cache), into this thread's
+    reusable `scratch` buffer when named (valid until the thread's next read into it)."""
     info = ckpt.info(name)
     if info.shard.suffix != ".safetensors" or not info.nbytes:
         return ckpt.get(name)
-    data = torch.empty(info.nbytes, dtype=torch.uint8)
+    data = _scratch(scratch, info.nbytes) if scratch else torch.empty(info.nbytes, dtype=torch.uint8)
     with open(info.shard, "rb") as f:
         f.seek(info.start)
         if f.readinto(data.numpy()) != info.nbytes:
@@ -306,11 +307,25 @@ def read_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return data.view(info.dtype).reshape(info.shape)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(key: str, nbytes: int) -> torch.Tensor:
+    """A per-thread byte buffer reused from tensor to tensor: fresh memory for each would cost a page fault
+    per 4 KB, which was most of a merge's system time."""
+    buf = getattr(_SCRATCH, key, None)
+    if buf is None or buf.numel() < nbytes:
+        setattr(_SCRATCH, key, None)  # free the old one before allocating the larger one
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        setattr(_SCRATCH, key, buf)
+    return buf[:nbytes]
+
+
 def _apply(ckpt: Checkpoint, job: Job, apply: Apply, dtype: torch.dtype, device: torch.device,
            bound: ErrorBound | None) -> torch.Tensor:
     """W (Linear layout, float32, on `device`) through the method, rounded once to the output dtype."""
-    stored = read_tensor(ckpt, job.source).to(device)
-    weight = stored.float()
+    stored = read_tensor(ckpt, job.source, scratch="in").to(device)
+    weight = _float32(stored)
     weight = weight.T if job.target.conv1d else weight
     params = {n: p.to(device) for n, p in job.params.items()}
     result = apply(weight, params, job.target.path)
@@ -321,8 +336,17 @@ def _apply(ckpt: Checkpoint, job: Job, apply: Apply, dtype: torch.dtype, device:
     if bound is not None:
         bound.add(job, weight, stored.dtype, peak, dtype, params)
     rounded = result.to(dtype)
+    if rounded.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+        rounded = rounded.clone()  # the method handed back its input: the scratch buffer is reused next tensor
     rounded = rounded.T if job.target.conv1d else rounded
     return rounded.contiguous().cpu()
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """t as float32, on the CPU in this thread's reusable buffer."""
+    if t.device.type != "cpu":
+        return t.float()
+    return _scratch("f32", 4 * t.numel()).view(torch.float32).view(t.shape).copy_(t)
 
 
 def _peak(x: torch.Tensor) -> float:
