@@ -379,8 +379,9 @@ def check_output(out: Path, force: bool) -> None:
     """Refuse an existing OUT unless --force, before any work is done."""
     if out.exists() and not force:
         raise LrsError(f"{out} already exists; pass --force to overwrite it")
-    if not out.parent.exists():
-        raise LrsError(f"parent directory of {out} does not exist")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise LrsError(f"cannot write {out}: {parent} is not a directory")
 
 
 @contextlib.contextmanager
@@ -388,6 +389,7 @@ def atomic_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     """Yield a temporary sibling of OUT; rename it into place only if the body completes."""
     out = Path(out)
     check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.lrs-tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -86,6 +86,12 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     with atomic_output(out, force=True) as tmp:
         (tmp / "done.txt").write_text("2")
     assert (out / "done.txt").read_text() == "2" and len(list(tmp_path.iterdir())) == 1
+    with atomic_output(tmp_path / "new" / "nested" / "out") as tmp:  # missing parents are created, like save_pretrained
+        (tmp / "done.txt").write_text("3")
+    assert (tmp_path / "new" / "nested" / "out" / "done.txt").read_text() == "3"
+    with pytest.raises(LrsError, match="is not a directory"):
+        with atomic_output(out / "done.txt" / "below"):
+            pass
 
 
 def test_targets_all_linear_and_conv1d(tiny_models):

@@ -88,7 +88,7 @@ class Fossil(Method):
         if self.variant == "bat":
             return None
         if shape is None:
-            raise LrsError("FOSSIL's low-rank form needs the module shape: call pair(params, shape=(out, in))")
+            raise LrsError("FOSSIL's fold matrix depends on the module's in_features, which the adapter does not store")
         out, inp = shape
         block = params[BLOCK]
         r = block.shape[0]
