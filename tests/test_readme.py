@@ -22,3 +22,15 @@ def test_reference_covers_every_command_and_option():
         for param in command.params:
             if param.param_type_name == "option" and "--help" not in param.opts:
                 assert f"`{param.opts[0]}`" in block
+
+
+def test_every_command_has_a_python_function():
+    """Everything the CLI can do, the Python API can do: each command has a top-level function."""
+    import lowrank_surgery as lrs
+    from lowrank_surgery.cli.reference import commands
+
+    api = {"init": "init_adapter", "inspect": "inspect_path", "merge": "merge_adapter", "unmerge": "unmerge_adapter",
+           "convert": "convert_adapter", "extract-lora": "extract_lora", "extract-subspace": "extract_subspace",
+           "train": "train_adapter", "push": "push_to_hub"}
+    assert set(commands()) == set(api)
+    assert all(callable(getattr(lrs, api[name])) and api[name] in lrs.__all__ for name in api)
