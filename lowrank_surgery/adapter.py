@@ -106,9 +106,10 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False, 
     return out
 
 
-def write_adapter_files(adapter: Adapter, directory: Path, card: str | None = None) -> None:
-    """Write config, weights and model card into an existing directory."""
-    config = adapter.method.to_json()
+def write_adapter_files(adapter: Adapter, directory: Path, card: str | None = None,
+                        config: dict[str, Any] | None = None) -> None:
+    """Write config (the method's own unless given), weights and model card into an existing directory."""
+    config = adapter.method.to_json() if config is None else config
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
     save_tensors(adapter.state_dict(), directory / WEIGHTS_NAME)
     if card is None:

@@ -6,16 +6,26 @@ special), and a method without a pair (ΔW depends on W) is exported by a trunca
 at --rank, which is lossy and reported. The plain-LoRA result is then written as:
 
 - peft-lora: PEFT `LORA` directory; per-module `rank_pattern`/`alpha_pattern` (keys = module paths)
-  so that PEFT's α/r reproduces each module's scale exactly.
+  so that PEFT's α/r reproduces each module's scale exactly. (llama.cpp's convert_lora_to_gguf.py reads
+  only the global `lora_alpha` and takes r from each tensor's shape: rank_pattern is fine there,
+  alpha_pattern is not.)
 - kohya: OUT/adapter_model.safetensors with `<prefix><path with . -> _>.lora_down.weight` (r × in),
   `.lora_up.weight` (out × r) and `.alpha` (0-d), ΔW = (alpha/r)·up·down, as kohya-ss sd-scripts'
-  networks/lora.py writes; the prefix is its text-encoder prefix `lora_te_` (an LLM is a text model).
-  The header metadata carries kohya's `ss_network_*` fields and `lrs_modules` (kohya name -> module path).
+  networks/lora.py writes (alpha 0 or absent means alpha = r; it may be saved as fp16/bf16/int64).
+  kohya's prefixes name diffusion parts (`lora_unet_`, `lora_te_`, `lora_te1_`, ...) and no LLM tool
+  defines one, so lrs writes the text-encoder prefix `lora_te_` (an LLM is a text model) and reads any
+  prefix. The header metadata carries kohya's `ss_network_*` fields and `lrs_modules` (kohya name ->
+  module path), so that lrs reads its own files back without the base.
 - mlx: OUT/adapters.safetensors with `<path>.lora_a` (in × r) and `.lora_b` (r × out), and an
   adapter_config.json with fine_tune_type, num_layers, lora_parameters {rank, scale, dropout, keys},
-  as mlx-lm's tuner (LoRALinear: y += scale·(x·lora_a)·lora_b) reads them. mlx-lm has one rank and
-  one scale per adapter: smaller ranks are zero-padded and other scales folded into lora_b (exact).
-- peft-miss, cola: the FOSSIL and CoLA methods' own formats, re-written by their method (Bone -> MiSS).
+  as mlx-lm's tuner reads them: LoRALinear computes y += scale·(x·lora_a)·lora_b with `scale` a plain
+  multiplier (mlx-lm's default 20.0), not α/r; linear_to_lora_layers wraps `keys` (paths relative to a
+  layer) in the last `num_layers` layers (-1: all). mlx-lm has one rank and one scale per adapter:
+  smaller ranks are zero-padded and other scales folded into lora_b (exact). Paths are the checkpoint's,
+  which are mlx-lm's for Llama-style models (model.layers.N...); architectures that mlx-lm renames
+  (e.g. GPT-2's transformer.h.N) would need their paths mapped.
+- peft-miss, cola: the FOSSIL and CoLA methods' own formats as their reference code loads them
+  (`Method.export_native`): PEFT MiSS (Bone -> MiSS); the original CoLA code's layout (see methods/cola.py).
 """
 
 from __future__ import annotations
@@ -111,15 +121,27 @@ def read_kohya(file: Path, base: Checkpoint | None = None) -> tuple[Adapter, str
     for name, parts in groups.items():
         if "down" not in parts or "up" not in parts:
             raise LrsError(f"{file}: kohya module {name} lacks its lora_{'up' if 'down' in parts else 'down'}.weight")
-        down, up = parts["down"], parts["up"]
+        up, down = _linear_pair(file, name, parts["up"], parts["down"])
         r = down.shape[0]
         if "alpha" not in parts:
             missing_alpha.append(name)
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(r)
-        pairs[resolve(name)] = (up, down, alpha / r)
+        # .alpha is a 0-d tensor: float32, fp16/bf16 (--save_precision) or int64 (an integer alpha); 0 means r
+        alpha = float(parts["alpha"]) if "alpha" in parts else 0.0
+        pairs[resolve(name)] = (up, down, (alpha or r) / r)
     warnings = [f"{len(missing_alpha)} kohya module(s) have no .alpha (e.g. {missing_alpha[0]}): using alpha = r"] \
         if missing_alpha else []
     return lora_adapter(pairs, _plain_config(base)), "kohya", warnings
+
+
+def _linear_pair(file: Path, name: str, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two factors of a linear LoRA whose product left·right is defined (kohya up·down, mlx-lm lora_a·lora_b)."""
+    if left.dim() != 2 or right.dim() != 2:
+        raise LrsError(f"{file}: module {name} has factors of shapes {list(left.shape)} and {list(right.shape)}; only "
+                       "linear (2-D) LoRA converts, not kohya Conv2d or mlx-lm SwitchLinear (expert) adapters")
+    if left.shape[1] != right.shape[0]:
+        raise LrsError(f"{file}: module {name} has factors of ranks {left.shape[1]} and {right.shape[0]} "
+                       f"(shapes {list(left.shape)}, {list(right.shape)})")
+    return left, right
 
 
 def _load(file: Path) -> dict[str, torch.Tensor]:
@@ -157,7 +179,7 @@ def _mangle(path: str) -> str:
 def read_mlx(directory: Path, base: Checkpoint | None = None) -> Adapter:
     """An mlx-lm LoRA adapter directory: ΔW = scale·lora_bᵀ·lora_aᵀ."""
     config = json.loads((directory / CONFIG_NAME).read_text())
-    kind = config.get("fine_tune_type", "lora")
+    kind = config.get("fine_tune_type", "dora" if config.get("use_dora") else "lora")  # older mlx-lm: use_dora
     if kind != "lora":
         raise LrsError(f"{directory}: mlx-lm fine_tune_type {kind!r} is not a LoRA (only 'lora' converts)")
     params = config.get("lora_parameters") or {}
@@ -176,7 +198,8 @@ def read_mlx(directory: Path, base: Checkpoint | None = None) -> Adapter:
     for path, parts in groups.items():
         if set(parts) != {"lora_a", "lora_b"}:
             raise LrsError(f"{file}: module {path} lacks {({'lora_a', 'lora_b'} - set(parts)).pop()}")
-        pairs[path] = (parts["lora_b"].T, parts["lora_a"].T, float(params["scale"]))
+        lora_a, lora_b = _linear_pair(file, path, parts["lora_a"], parts["lora_b"])  # in × r, r × out
+        pairs[path] = (lora_b.T, lora_a.T, float(params["scale"]))  # mlx-lm's scale multiplies as is (not α/r)
     return lora_adapter(pairs, _plain_config(base, dropout=float(params.get("dropout") or 0.0),
                                              base_model=config.get("model")))
 
@@ -385,20 +408,24 @@ def convert(adapter_path: str | os.PathLike, out: str | os.PathLike, to: str, ba
     adapter, fmt, warnings = read_adapter(adapter_path, ckpt)
     report: dict[str, Any] = {"source": str(adapter_path), "from": fmt, "method": adapter.config.method,
                               "to": to, "out": str(out), "warnings": warnings}
+    config, rows = None, []
     if to in NATIVE:
-        result, rows = _native(adapter, NATIVE[to], ckpt), []
+        result, config, native_warnings = _native(adapter, NATIVE[to], ckpt)
+        warnings.extend(native_warnings)
     else:
         result, rows = to_lora(adapter, ckpt, rank, allow_lossy)
     with atomic_output(out, force) as tmp:
-        _write(result, to, tmp, ckpt)
+        _write(result, to, tmp, ckpt, config)
     errors = [row["error"] for row in rows]
     return report | {"modules": len(result.weights), "rank": result.config.r, "alpha": result.config.alpha,
                      "lossy": any(not row["exact"] for row in rows), "max_error": max(errors, default=0.0),
                      "per_module": rows}
 
 
-def _native(adapter: Adapter, peft_type: str, base: Checkpoint | None) -> Adapter:
-    """The adapter re-written in its own method's format, when that method writes `peft_type`."""
+def _native(adapter: Adapter, peft_type: str, base: Checkpoint | None
+            ) -> tuple[Adapter, dict[str, Any], list[str]]:
+    """The adapter in its own method's format as that format's reference code loads it (see Method.export_native):
+    (adapter, its adapter_config.json, warnings), when the method writes `peft_type`."""
     writers = [cls.name for cls in METHODS.values() if cls.peft_type == peft_type]
     if not writers:
         raise LrsError(f"no installed method writes {peft_type} adapters")
@@ -406,15 +433,17 @@ def _native(adapter: Adapter, peft_type: str, base: Checkpoint | None) -> Adapte
         raise LrsError(f"a {adapter.config.method} adapter cannot be expressed as {peft_type} "
                        f"(only {', '.join(writers)} adapters can); convert it --to peft-lora instead")
     _base_targets(adapter, base)
-    return adapter
+    weights, config, warnings = adapter.method.export_native(adapter.weights)
+    return Adapter(adapter.config, weights), config, warnings
 
 
-def _write(adapter: Adapter, to: str, directory: Path, base: Checkpoint | None) -> None:
+def _write(adapter: Adapter, to: str, directory: Path, base: Checkpoint | None,
+           config: dict[str, Any] | None = None) -> None:
     if to == "kohya":
         write_kohya(adapter, directory)
     elif to == "mlx":
         write_mlx(adapter, directory, None if base is None else base.config.get("num_hidden_layers"))
     else:
-        write_adapter_files(adapter, directory)
+        write_adapter_files(adapter, directory, config=config)
 
 

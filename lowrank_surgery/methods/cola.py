@@ -13,18 +13,34 @@ Dropout acts once on x before the A's (the original code draws a mask per pair).
 gives every A_i (and every B_j) the same gradient: its copies stay identical during training,
 with dropout 0 as with a shared dropout mask; it is PiSSA with scaled learning rates.
 
-On disk: the original repository's layout (zyy-2001/CoLA, vendored PEFT 0.12): `peft_type: "COLA"`,
-`num_A`, `num_B`, keys `lora_A.{i}.weight`, `lora_B.{j}.weight`, plus `pissa_A0.weight`,
-`pissa_B0.weight` for the frozen factors. The original code saves no frozen factors (it rewrites
-the base to W − s·B0·A0 instead) and always uses `fully`: such adapters load, and `complete`
-recomputes A0, B0 by exact PiSSA from the base weights; s·B0·A0 = U_r S_r V_rᵀ is unique (up to
-ties in the singular values), so the recomputed residual is the one the original code trained on.
+On disk: the original repository's layout (zyy-2001/CoLA, a vendored PEFT 0.12, peft/tuners/cola):
+`peft_type: "COLA"`, `num_A`, `num_B`, keys `lora_A.{i}.weight`, `lora_B.{j}.weight` (its nn.ModuleList of
+nn.Linear, adapter name stripped), plus `pissa_A0.weight`, `pissa_B0.weight` for the frozen factors. The
+original code, for each layer: SVD W = U S Vᵀ of the base weight (float32); lora_A[i] = diag(√(S_r/s))·V_rᵀ / M,
+lora_B[j] = U_r·diag(√(S_r/s)) / N (the same B0, A0 as here); base weight rewritten to W − s·B0·A0 (cast back
+to its dtype); s = lora_alpha / r (no rsLoRA); forward Σ_i Σ_j B_j·A_i·dropout(x), a dropout mask per pair.
+That is `fully`; its heuristic and random strategies (and a random one drawing an A per B) are
+commented-out alternatives (same pairing as here; random draws with Python's `random` at every forward,
+evaluation included) and its config does not record them. It saves no frozen factors: such adapters
+load as `fully` (declare another strategy with an `"lrs": {"strategy": ...}` block in adapter_config.json),
+and `complete` recomputes A0, B0 by exact PiSSA from the base weights; s·B0·A0 = U_r S_r V_rᵀ is unique
+(up to ties in the singular values), so the recomputed residual is the one the original code trained on.
+Its init (B0/N for every strategy) gives ΔW ≠ 0 at init for heuristic with M > 1 and random with N > 1;
+lrs's B0·M/|P| (DESIGN) does not.
+
+`lrs convert --to cola` writes what that code loads (`export_native`): its PEFT 0.12 passes every
+adapter_config.json key to ColaConfig(**kwargs) and fails on unknown ones, so the config holds only
+ColaConfig's fields (no `lrs` block, no `use_rslora`: rsLoRA's α/√r is written as lora_alpha = α·√r, and
+per-module scales as full-path rank_pattern/alpha_pattern entries); the strategy becomes `fully` with the
+same ΔW (B_j scaled by the pairing's column weights: random's 1/N), which heuristic with M > 1 cannot
+have. The frozen factors stay in the file (that code ignores unexpected keys) so lrs reads it back exactly.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -149,6 +165,55 @@ class CoLA(PissaInit, Method):
     # ------------------------------------------------------------------ files
     def to_json(self) -> dict[str, Any]:
         return {**lora_json(self.config, peft_type=self.peft_type), "num_A": self.num_a, "num_B": self.num_b}
+
+    # ------------------------------------------------------------------ the original code's layout
+    def export_native(self, weights: dict[str, dict[str, torch.Tensor]]
+                      ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], list[str]]:
+        """What the original code loads: `fully` parameters with the same ΔW and only ColaConfig's fields."""
+        exported = {path: self.as_fully(params, path) for path, params in weights.items()}
+        return exported, self.original_json(weights), self.original_warnings()
+
+    def as_fully(self, params: Params, path: str) -> dict[str, torch.Tensor]:
+        """Parameters whose `fully` ΔW is this strategy's (evaluation) ΔW: B_j scaled by c_0j, possible when every
+        A_i is summed with the same B's (c has equal rows: fully, random's expectation, heuristic with one A)."""
+        c = self.coefficients()
+        if not bool((c == c[0]).all()):
+            raise LrsError(f"CoLA module {path}: strategy {self.strategy} with {self.num_a} A's pairs each A with its "
+                           f"own B's, which the original code's only strategy (fully) cannot express; "
+                           f"convert it --to peft-lora instead (exact)")
+        return {**params, **{name: params[name] * float(c[0, j]) for j, name in enumerate(self.b_names)}}
+
+    def original_json(self, paths: Iterable[str]) -> dict[str, Any]:
+        """adapter_config.json with the original ColaConfig's fields only (PEFT 0.12 rejects unknown keys)."""
+        c = self.config
+        alpha = c.alpha * math.sqrt(c.r) if c.rslora else c.alpha  # s·r of a module without patterns
+        ranks = {p: c.rank(p) for p in paths}
+        alphas = {p: c.scale(p) * r for p, r in ranks.items()}
+        return {
+            "peft_type": self.peft_type, "task_type": None, "base_model_name_or_path": c.base_model,
+            "revision": None, "inference_mode": True, "r": c.r, "lora_alpha": alpha, "lora_dropout": c.dropout,
+            "num_A": self.num_a, "num_B": self.num_b, "target_modules": c.target_modules,
+            "fan_in_fan_out": c.fan_in_fan_out, "bias": "none", "modules_to_save": None, "init_lora_weights": True,
+            "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": {p: r for p, r in ranks.items() if r != c.r},
+            "alpha_pattern": {p: a for p, a in alphas.items() if not math.isclose(a, alpha, rel_tol=1e-9)},
+        }
+
+    def original_warnings(self) -> list[str]:
+        """Where the original code will not reproduce this adapter's outputs exactly."""
+        warnings = []
+        if self.strategy != "fully":
+            warnings.append(f"CoLA strategy {self.strategy} written as fully (the original code's only strategy) "
+                            f"with the same evaluation ΔW")
+        algorithm = self.config.options.get("init_svd", "exact")
+        if algorithm != "exact":
+            warnings.append(f"the original CoLA code recomputes the residual W − s·B0·A0 by exact SVD, but this "
+                            f"adapter's frozen factors come from a {algorithm} SVD: its outputs there differ by that "
+                            f"SVD's error")
+        if self.config.fan_in_fan_out:
+            warnings.append("the original CoLA code computes its PiSSA residual on Conv1D weights without transposing "
+                            "them: it cannot reproduce this (fan_in_fan_out) adapter")
+        return warnings
 
     @classmethod
     def config_from_json(cls, data: dict[str, Any]) -> AdapterConfig:

@@ -1,7 +1,8 @@
 """FOSSIL (PEFT's MiSS, formerly Bone): shared shards of a zero-initialised block D, no scaling.
 
 Variants (PEFT's `init_weights`):
-- balance (True): D ∈ R^{r×out}, ΔW[o, i] = D[i mod r, o]: Dᵀ tiled along the input;
+- balance (True; False in PEFT is the same variant with a random instead of a zero init):
+  D ∈ R^{r×out}, ΔW[o, i] = D[i mod r, o]: Dᵀ tiled along the input;
 - mini ("mini"): D ∈ R^{r×mini_r}, out % mini_r == 0, ΔW[o, i] = D[i mod r, o mod mini_r];
 - bat ("bat"): D ∈ R^{(out/r)×r×r}, every r×r block W_{b,c} becomes W_{b,c}(I + D_b) + D_b.
 
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 VARIANTS = ("balance", "mini", "bat")
 BLOCK = "miss_block"
 LEGACY_BLOCK = "bone_block"  # PEFT's Bone, the same parameter under its old name
+# PEFT's init_weights -> variant. False is balance with a random (Kaiming) init instead of zeros: the
+# init does not matter for a saved adapter, so it reads as balance (and is written back as True).
+INIT_VARIANTS: dict[bool | str, str] = {True: "balance", False: "balance", "mini": "mini", "bat": "bat"}
 
 
 class Fossil(Method):
@@ -183,9 +187,9 @@ class Fossil(Method):
         """From PEFT MiSS or Bone configs (lrs-written or not)."""
         lrs = data.get("lrs") or {}
         init = data.get("init_weights", True)
-        if init not in (True, "mini", "bat"):
-            raise LrsError(f"FOSSIL/MiSS init_weights={init!r} is not supported (True, 'mini' or 'bat')")
-        variant = {True: "balance", "mini": "mini", "bat": "bat"}[init]
+        variant = INIT_VARIANTS.get(init) if isinstance(init, (bool, str)) else None
+        if variant is None:
+            raise LrsError(f"FOSSIL/MiSS init_weights={init!r} is not supported (true, false, 'mini' or 'bat')")
         r = int(data.get("r", 64))
         options = {**options_from_lrs(lrs), "variant": variant,
                    "mini_r": int(data.get("mini_r") or 1) if variant == "mini" else None}
