@@ -105,7 +105,7 @@ def make_adapters(base: Path, methods: list[str], directory: Path) -> dict[str, 
 def contenders(base: Path, adapter: Path, out: Path, peft: bool) -> dict[str, list[str]]:
     lrs_cli = shutil.which("lrs", path=str(Path(sys.executable).parent)) or shutil.which("lrs")
     merge = [lrs_cli] if lrs_cli else [sys.executable, "-c", "from lowrank_surgery.cli.app import main; main()"]
-    runs = {"copy": ["cp", "-r", str(base), str(out)],
+    runs = {"copy": ["cp", "-r", str(base.resolve()), str(out)],
             "lrs merge": [*merge, "merge", str(adapter), str(base), str(out), "--quiet"]}
     if peft:
         runs["peft"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
