@@ -78,7 +78,8 @@ def measure(command: list[str]) -> dict[str, float]:
 
 def _check(res: subprocess.CompletedProcess, command: list[str]) -> None:
     if res.returncode != 0:
-        tail = "\n".join(res.stderr.strip().splitlines()[-5:])
+        own = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("\t")]  # not time -v's
+        tail = "\n".join(own[-5:])
         raise SystemExit(f"benchmark command failed ({res.returncode}): {' '.join(command)}\n{tail}")
 
 
