@@ -433,8 +433,7 @@ def _native(adapter: Adapter, peft_type: str, base: Checkpoint | None
         raise LrsError(f"a {adapter.config.method} adapter cannot be expressed as {peft_type} "
                        f"(only {', '.join(writers)} adapters can); convert it --to peft-lora instead")
     _base_targets(adapter, base)
-    weights, config, warnings = adapter.method.export_native(adapter.weights)
-    return Adapter(adapter.config, weights), config, warnings
+    return adapter.method.export_native(adapter)
 
 
 def _write(adapter: Adapter, to: str, directory: Path, base: Checkpoint | None,

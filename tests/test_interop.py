@@ -177,7 +177,7 @@ def test_convert_to_cola_is_what_the_original_code_loads(llama, tmp_path, strate
         assert _rel(original, method.merge(weights[path], params, path)) < 1e-5  # lrs's evaluation forward
 
     back = ls.load_adapter(tmp_path / "out")
-    assert back.method.strategy == "fully"
+    assert back.method.strategy == "fully" and "| strategy | fully |" in (tmp_path / "out" / "README.md").read_text()
     for path, params in adapter.weights.items():
         assert _rel(back.method.delta(back.weights[path], None, path), method.delta(params, None, path)) < 1e-5
 

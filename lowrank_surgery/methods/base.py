@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..adapter import AdapterConfig, split_key
+from ..adapter import Adapter, AdapterConfig, split_key
 from ..errors import LrsError
 from ..targets import Target
 
@@ -129,11 +129,10 @@ class Method:
         """adapter_config.json contents: the PEFT fields plus the `lrs` block."""
         raise NotImplementedError
 
-    def export_native(self, weights: dict[str, dict[str, torch.Tensor]]
-                      ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], list[str]]:
-        """(weights, adapter_config.json contents, warnings) as the reference code of this method's on-disk format
+    def export_native(self, adapter: Adapter) -> tuple[Adapter, dict[str, Any], list[str]]:
+        """(adapter, adapter_config.json contents, warnings) as the reference code of this method's on-disk format
         loads them (`lrs convert --to` that format). By default lrs's own files, which that code reads as they are."""
-        return weights, self.to_json(), []
+        return adapter, self.to_json(), []
 
     def split_keys(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Group state-dict keys by module path; keys that do not fit the method are an error."""

@@ -41,11 +41,12 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..adapter import AdapterConfig
+from ..adapter import Adapter, AdapterConfig
 from ..errors import LrsError
 from ..targets import Target
 from .base import Method, Params
@@ -167,11 +168,11 @@ class CoLA(PissaInit, Method):
         return {**lora_json(self.config, peft_type=self.peft_type), "num_A": self.num_a, "num_B": self.num_b}
 
     # ------------------------------------------------------------------ the original code's layout
-    def export_native(self, weights: dict[str, dict[str, torch.Tensor]]
-                      ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], list[str]]:
+    def export_native(self, adapter: Adapter) -> tuple[Adapter, dict[str, Any], list[str]]:
         """What the original code loads: `fully` parameters with the same ΔW and only ColaConfig's fields."""
-        exported = {path: self.as_fully(params, path) for path, params in weights.items()}
-        return exported, self.original_json(weights), self.original_warnings()
+        weights = {path: self.as_fully(params, path) for path, params in adapter.weights.items()}
+        config = replace(self.config, options={**self.config.options, "strategy": "fully"})
+        return Adapter(config, weights), self.original_json(weights), self.original_warnings()
 
     def as_fully(self, params: Params, path: str) -> dict[str, torch.Tensor]:
         """Parameters whose `fully` ΔW is this strategy's (evaluation) ΔW: B_j scaled by c_0j, possible when every
