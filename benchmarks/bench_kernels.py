@@ -109,8 +109,8 @@ def main() -> int:
     """Print one row per (method, shape, r, tokens) and the geometric-mean speedup per method."""
     args = parse_args()
     if not torch.cuda.is_available():
-        print("bench_kernels: needs a CUDA GPU; nothing measured")
-        return 0
+        print("bench_kernels: needs a CUDA GPU (Triton kernels vs PEFT layers in bf16); nothing measured", file=sys.stderr)
+        return 1
     dtype = getattr(torch, args.dtype)
     print(f"# {torch.cuda.get_device_name()}, {args.dtype}, dropout {args.dropout}, fwd+bwd, median of {args.reps}")
     print(f"{'method':6} {'in':>6} {'out':>6} {'r':>3} {'tokens':>6} | {'peft ms':>8} {'lrs ms':>8} {'speedup':>7} | "
