@@ -32,6 +32,8 @@ PAPERS = {
 }
 # PEFT's tuner prefix per peft_type: an adapter loads in stock PEFT when all its tensors carry it.
 PEFT_PREFIXES = {"LORA": "lora_", "MISS": "miss_"}
+# peft_types whose PEFT layers also wrap transformers' Conv1D (GPT-2): MiSS takes nn.Linear only.
+PEFT_CONV1D = {"LORA"}
 # (architecture suffix, pipeline tag, transformers auto class), first match wins.
 PIPELINES = (
     ("ForCausalLM", "text-generation", "AutoModelForCausalLM"),
@@ -102,9 +104,11 @@ def read_metrics(directory: Path) -> dict[str, Any] | None:
 
 
 def peft_loadable(adapter: Adapter) -> bool:
-    """True when stock PEFT loads the adapter: a PEFT type whose tensors all carry its prefix."""
-    prefix = PEFT_PREFIXES.get(adapter.method.peft_type)
-    return prefix is not None and all(n.startswith(prefix) for n in adapter.method.param_names)
+    """True when stock PEFT loads the adapter: a PEFT type whose tensors all carry its prefix, on layers it wraps."""
+    peft_type = adapter.method.peft_type
+    prefix = PEFT_PREFIXES.get(peft_type)
+    return prefix is not None and all(n.startswith(prefix) for n in adapter.method.param_names) and (
+        not adapter.config.fan_in_fan_out or peft_type in PEFT_CONV1D)
 
 
 def _tags(*tags: str | None) -> list[str]:

@@ -391,9 +391,9 @@ def atomic_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     check_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.lrs-tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt():  # before the directory exists: a SIGTERM from then on still removes it
+            tmp.mkdir()
             yield tmp
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ from .errors import LrsError
 from .initialize import load_weight
 from .methods import get_method
 from .progress import progress
-from .targets import Target, compact_names, linear_targets, select_targets
+from .targets import Target, compact_names, select_targets
 
 
 def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, rank: int,
@@ -45,7 +45,7 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
     if not weights:
         raise LrsError(f"{ft.source.id} and {bs.source.id} have identical weights in every targeted module")
     changed = [t for t in chosen if t.path in weights]
-    config.target_modules = compact_names(changed, linear_targets(bs))
+    config.target_modules = compact_names(changed, bs)
     config.options = {"extracted_from": ft.source.id, "algorithm": algorithm,
                       "energy": {row["module"]: row["energy"] for row in rows}}
     config.provenance = {"base": bs.source.id, "base_revision": bs.source.revision, "base_hash": bs.fingerprint(),
@@ -77,7 +77,7 @@ def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rank: int, al
 
     by_shard: dict[Path, list[Target]] = {}
     for t in chosen:
-        by_shard.setdefault(ft.info(t.weight).shard, []).append(t)
+        by_shard.setdefault(ft.info(t.source).shard, []).append(t)
     weights, rows = {}, []
     for batch in progress(by_shard.values(), "extract", total=len(by_shard), unit="shard"):
         diffs = [(t, load_weight(ft, t) - load_weight(bs, t)) for t in batch]

@@ -13,7 +13,7 @@ from .checkpoint import Checkpoint
 from .errors import LrsError
 from .methods import METHODS, get_method
 from .progress import progress
-from .targets import Target, compact_names, linear_targets, select_targets
+from .targets import Target, compact_names, select_targets
 
 
 def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 8, alpha: float | None = None,
@@ -36,7 +36,7 @@ def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 
     chosen = select_targets(ckpt, spec)
     config = AdapterConfig(
         method=method, r=r, alpha=float(alpha if alpha is not None else r),
-        target_modules=compact_names(chosen, linear_targets(ckpt)), dropout=dropout, rslora=rslora,
+        target_modules=compact_names(chosen, ckpt), dropout=dropout, rslora=rslora,
         fan_in_fan_out=any(t.conv1d for t in chosen), options=options, base_model=ckpt.source.id,
         provenance={"base": ckpt.source.id, "base_revision": ckpt.source.revision,
                     "base_hash": ckpt.fingerprint(), "seed": seed},
@@ -60,12 +60,12 @@ def _batches(ckpt: Checkpoint, targets: list[Target], with_weights: bool
         return
     by_shard: dict = {}
     for t in targets:
-        by_shard.setdefault(ckpt.info(t.weight).shard, []).append(t)
+        by_shard.setdefault(ckpt.info(t.source).shard, []).append(t)
     for batch in progress(by_shard.values(), "init", total=len(by_shard), unit="shard"):
         yield batch, [load_weight(ckpt, t) for t in batch]
 
 
 def load_weight(ckpt: Checkpoint, target: Target) -> torch.Tensor:
     """A target's weight in nn.Linear layout (out × in), float32."""
-    w = ckpt.get(target.weight).float()
+    w = ckpt.get(target.source).float()
     return w.T.contiguous() if target.conv1d else w

@@ -32,7 +32,8 @@ from .checkpoint import (
 from .errors import LrsError
 from .methods.base import Method, Params
 from .progress import progress
-from .targets import Target, is_output_layer, linear_targets
+from .architecture import untied_copies
+from .targets import Target, find_targets, is_output_layer
 
 WORKERS = min(4, os.cpu_count() or 1)  # tensors produced concurrently (each with one torch thread on the CPU)
 DTYPE_CHOICES: dict[str, torch.dtype | None] = {
@@ -104,8 +105,9 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle)
     method = adapter.method
     jobs = plan_jobs(ckpt, adapter, method, from_base=operation == "merge")
-    shards, names = plan_output(ckpt, jobs, out_dtype, limit)
-    untied = [j.output for j in jobs.values() if is_output_layer(j.target.path)] if _unties(ckpt, jobs) else []
+    untied = [j.output for j in jobs.values() if j.target.output] if _unties(ckpt, jobs) else []
+    copies = untied_copies(ckpt.config, ckpt.tensors.keys() | jobs.keys()) if untied else {}
+    shards, names = plan_output(ckpt, jobs, out_dtype, limit, copies)
     report = MergeReport(
         operation, source, method.name, ckpt.source.id, ckpt.source.revision, str(out),
         dtype if out_dtype is not None else "auto", len(jobs), sum(len(s) for s in shards), names,
@@ -113,7 +115,7 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     apply = method.merge if operation == "merge" else method.unmerge
     bound = ErrorBound(method) if operation == "unmerge" else None
     with atomic_output(out, force) as tmp, _cpu_threads(dev):
-        _write_shards(ckpt, tmp, shards, names, jobs, apply, dev, bound)
+        _write_shards(ckpt, tmp, shards, names, jobs, copies, apply, dev, bound)
         if len(shards) > 1 or ckpt.is_sharded:
             write_index(tmp, shards, names)
         _write_side_files(ckpt, tmp, adapter, report, out_dtype)
@@ -131,7 +133,7 @@ def plan_jobs(ckpt: Checkpoint, adapter: Adapter, method: Method, from_base: boo
     Parameters an imported adapter lacks (`Method.completable`) are recomputed from the base when `ckpt`
     is the base (`from_base`); a merged checkpoint cannot give them back, so unmerge refuses instead.
     """
-    linear = {t.path: t for t in linear_targets(ckpt)}
+    linear = find_targets(ckpt, adapter.weights)
     jobs = {path: _job(ckpt, linear, path, params) for path, params in adapter.weights.items()}
     missing = sorted({f"{path}.{n}" for path, params in adapter.weights.items()
                       for n in set(method.param_names) - set(params)})
@@ -153,7 +155,7 @@ def _linear_weight(ckpt: Checkpoint, job: Job) -> torch.Tensor:
 
 def _job(ckpt: Checkpoint, linear: dict[str, Target], path: str, params: Params) -> Job:
     if path in linear:
-        return Job(linear[path], linear[path].weight, linear[path].weight, params)
+        return Job(linear[path], linear[path].source, linear[path].weight, params)
     name = f"{path}.weight"
     if name in ckpt.tensors:
         raise LrsError(f"adapter targets {path}, which is not a linear layer in {ckpt.source.id} "
@@ -163,11 +165,12 @@ def _job(ckpt: Checkpoint, linear: dict[str, Target], path: str, params: Params)
         raise LrsError(f"adapter does not fit the base: it has module {path}, which {ckpt.source.id} lacks "
                        f"(no tensor {name})")
     out_f, in_f = ckpt.tensors[embedding].shape
-    return Job(Target(path, out_f, in_f), embedding, name, params)
+    return Job(Target(path, out_f, in_f, tied_to=embedding, output=True), embedding, name, params)
 
 
 def _tied_embedding(ckpt: Checkpoint) -> str | None:
-    """The input embedding that a tied output layer (absent from the checkpoint) shares."""
+    """The input embedding that a tied output layer (absent from the checkpoint) shares, guessed from names
+    (for checkpoints whose architecture transformers cannot build)."""
     vocab = ckpt.config.get("vocab_size")
     for name, info in ckpt.tensors.items():
         last = name.removesuffix(".weight").rsplit(".", 1)[-1]
@@ -179,19 +182,22 @@ def _tied_embedding(ckpt: Checkpoint) -> str | None:
 
 def _unties(ckpt: Checkpoint, jobs: dict[str, Job]) -> bool:
     """True when the adapter changes an output layer the config ties to the input embedding (or that shares it)."""
-    touched = [j for j in jobs.values() if is_output_layer(j.target.path)]
+    touched = [j for j in jobs.values() if j.target.output]
     return bool(touched) and (bool(ckpt.config.get("tie_word_embeddings")) or any(j.source != j.output for j in touched))
 
 
-def plan_output(ckpt: Checkpoint, jobs: dict[str, Job], out_dtype: torch.dtype | None,
-                limit: int | None) -> tuple[list[list[PlannedTensor]], list[str]]:
-    """Output shards (the base's boundaries and file names, unless resharding to `limit` bytes) and their names."""
+def plan_output(ckpt: Checkpoint, jobs: dict[str, Job], out_dtype: torch.dtype | None, limit: int | None,
+                copies: dict[str, str] | None = None) -> tuple[list[list[PlannedTensor]], list[str]]:
+    """Output shards (the base's boundaries and file names, unless resharding to `limit` bytes) and their names.
+
+    Tensors the base does not hold (an untied output layer, and the `copies` untying needs) go in the last shard."""
     def planned(name: str, source: str) -> PlannedTensor:
         info = ckpt.tensors[source]
         return PlannedTensor(name, _cast_dtype(info.dtype, out_dtype), info.shape)
 
     shards = [[planned(n, n) for n in ckpt.names(shard)] for shard in ckpt.shards]
     shards[-1] += [planned(j.output, j.source) for j in jobs.values() if j.output not in ckpt.tensors]
+    shards[-1] += [planned(name, source) for name, source in (copies or {}).items()]
     if limit is not None:
         shards = plan_shards([t for s in shards for t in s], limit)
     elif ckpt.path.is_dir() and all(s.suffix == ".safetensors" for s in ckpt.shards):
@@ -242,11 +248,13 @@ Apply = Callable[[torch.Tensor, Params, str], torch.Tensor]
 
 
 def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str],
-                  jobs: dict[str, Job], apply: Apply, device: torch.device, bound: ErrorBound | None) -> None:
+                  jobs: dict[str, Job], copies: dict[str, str], apply: Apply, device: torch.device,
+                  bound: ErrorBound | None) -> None:
     """Tensors are produced by a few worker threads (reads and torch ops release the GIL) and written here in
-    plan order; what is in flight is capped at the largest shard (or the largest single tensor's work)."""
-    items = [(file, t) for file, shard in zip(names, shards) for t in shard]
-    costs = [_cost(ckpt, t, jobs.get(t.name)) for _, t in items]
+    plan order; what is in flight is capped at the largest shard (or the largest single tensor's work).
+    `copies` names the base tensor an output tensor the base lacks is copied from."""
+    items = [(file, t, copies.get(t.name, t.name)) for file, shard in zip(names, shards) for t in shard]
+    costs = [_cost(ckpt, t, source, jobs.get(t.name)) for _, t, source in items]
     budget = max(costs + [max(shard.stat().st_size for shard in ckpt.shards)])
     ticks = iter(progress(range(len(items)), "merge" if bound is None else "unmerge", total=len(items), unit="tensor"))
     pending: collections.deque = collections.deque()
@@ -264,10 +272,10 @@ def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[Planned
 
     pool = ThreadPoolExecutor(WORKERS)
     try:
-        for (file, t), cost in zip(items, costs):
+        for (file, t, source), cost in zip(items, costs):
             while pending and sum(p[3] for p in pending) + cost > budget:
                 flush()
-            pending.append((file, t, pool.submit(_produce, ckpt, t, jobs.get(t.name), apply, device, bound), cost))
+            pending.append((file, t, pool.submit(_produce, ckpt, t, source, jobs.get(t.name), apply, device, bound), cost))
         while pending:
             flush()
         if writer is not None:
@@ -276,21 +284,21 @@ def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[Planned
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _cost(ckpt: Checkpoint, t: PlannedTensor, job: Job | None) -> int:
+def _cost(ckpt: Checkpoint, t: PlannedTensor, source: str, job: Job | None) -> int:
     """Bytes a tensor holds while in flight: its bytes, or for a targeted one its input, float32 copy and result."""
     if job is None:
-        return ckpt.tensors[t.name].nbytes + (t.nbytes if t.dtype != ckpt.tensors[t.name].dtype else 0)
+        return ckpt.tensors[source].nbytes + (t.nbytes if t.dtype != ckpt.tensors[source].dtype else 0)
     return ckpt.tensors[job.source].nbytes + t.nbytes + 8 * math.prod(t.shape)
 
 
-def _produce(ckpt: Checkpoint, t: PlannedTensor, job: Job | None, apply: Apply, device: torch.device,
+def _produce(ckpt: Checkpoint, t: PlannedTensor, source: str, job: Job | None, apply: Apply, device: torch.device,
              bound: ErrorBound | None) -> torch.Tensor | bytes:
-    """The data of one output tensor: computed, cast, or the base's bytes as they are."""
+    """The data of one output tensor: computed, cast, or the bytes of base tensor `source` as they are."""
     if job is not None:
         return _apply(ckpt, job, apply, t.dtype, device, bound)
-    if t.dtype == ckpt.tensors[t.name].dtype:
-        return ckpt.raw(t.name)
-    return read_tensor(ckpt, t.name).to(t.dtype)
+    if t.dtype == ckpt.tensors[source].dtype:
+        return ckpt.raw(source)
+    return read_tensor(ckpt, source).to(t.dtype)
 
 
 def read_tensor(ckpt: Checkpoint, name: str, scratch: str | None = None) -> torch.Tensor:

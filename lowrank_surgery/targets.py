@@ -1,4 +1,8 @@
-"""Target selection from tensor names and shapes alone: which linear weights an adapter touches."""
+"""Target selection: which linear weights of a checkpoint an adapter touches, as PEFT would pick them.
+
+The architecture (see `architecture`) says which tensors are linear weights when transformers can build
+the config's class; otherwise they are guessed from tensor names and shapes (a bare .safetensors file).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .architecture import Layout, Linear, layout
 from .checkpoint import Checkpoint
 from .errors import LrsError
 
@@ -24,10 +29,19 @@ class Target:
     out_features: int
     in_features: int
     conv1d: bool = False  # stored transposed, as GPT-2's Conv1D does
+    stored_as: str | None = None  # checkpoint tensor of W when not `<path>.weight` (renamed by transformers)
+    tied_to: str | None = None  # the checkpoint tensor W shares when its own is not stored (a tied output layer)
+    output: bool = False  # the model's output layer, which `all-linear` leaves out
 
     @property
     def weight(self) -> str:
-        return f"{self.path}.weight"
+        """The module's own weight tensor in the checkpoint (a merge writes W + ΔW there)."""
+        return self.stored_as or f"{self.path}.weight"
+
+    @property
+    def source(self) -> str:
+        """The checkpoint tensor W is read from."""
+        return self.tied_to or self.weight
 
     @property
     def kind(self) -> str:
@@ -40,7 +54,55 @@ class Target:
 
 
 def linear_targets(ckpt: Checkpoint) -> list[Target]:
-    """Every 2-D weight that belongs to a linear layer (embeddings excluded), in checkpoint order."""
+    """Every linear module whose weight the checkpoint holds (tied output layers included), in checkpoint order.
+
+    These are the nn.Linear / Conv1D modules of the architecture when transformers can build it (what PEFT
+    sees), else the 2-D weights that do not look like embeddings.
+    """
+    arch = layout(ckpt.config)
+    found = _from_layout(ckpt, arch) if arch is not None else []
+    return found or guessed_targets(ckpt)
+
+
+def find_targets(ckpt: Checkpoint, paths: Iterable[str]) -> dict[str, Target]:
+    """The targets among `paths`: from names and shapes when these find every path (no architecture to build),
+    else from `linear_targets` (renamed or tied weights). Paths that are no linear module are left out."""
+    paths = list(paths)
+    guessed = {t.path: t for t in guessed_targets(ckpt)}
+    if all(p in guessed for p in paths):
+        return {p: guessed[p] for p in paths}
+    known = {t.path: t for t in linear_targets(ckpt)}
+    return {p: known[p] for p in paths if p in known}
+
+
+def _from_layout(ckpt: Checkpoint, arch: Layout) -> list[Target]:
+    """The layout's linear modules found in the checkpoint, whose names may lack the base model's prefix."""
+    variants = [arch, arch.without_prefix()] if arch.prefix else [arch]
+    found = max((_stored_targets(ckpt, v) for v in variants), key=len)
+    order = {name: k for k, name in enumerate(ckpt.tensors)}
+    return sorted(found, key=lambda t: (t.tied_to is not None, order[t.source]))
+
+
+def _stored_targets(ckpt: Checkpoint, arch: Layout) -> list[Target]:
+    targets = (_stored_target(ckpt, lin) for lin in arch.linears)
+    return [t for t in targets if t is not None]
+
+
+def _stored_target(ckpt: Checkpoint, lin: Linear) -> Target | None:
+    """A module's Target when the checkpoint stores its weight, under its own name or one it is tied to."""
+    stored = next((n for n in lin.names if n in ckpt.tensors), None)
+    info = ckpt.tensors[stored] if stored else None
+    if info is None or len(info.shape) != 2 or not info.dtype.is_floating_point:
+        return None
+    out_f, in_f = (info.shape[1], info.shape[0]) if lin.conv1d else info.shape
+    own = stored == lin.names[0]
+    renamed = own and stored != f"{lin.path}.weight"
+    return Target(lin.path, out_f, in_f, lin.conv1d, stored_as=stored if renamed else None,
+                  tied_to=None if own else stored, output=lin.output)
+
+
+def guessed_targets(ckpt: Checkpoint) -> list[Target]:
+    """Every 2-D weight that looks like a linear layer's (embeddings excluded by name), in checkpoint order."""
     conv1d_model = ckpt.config.get("model_type") in CONV1D_MODEL_TYPES
     targets = []
     for name, info in ckpt.tensors.items():
@@ -51,7 +113,7 @@ def linear_targets(ckpt: Checkpoint) -> list[Target]:
             continue
         conv1d = _is_conv1d(ckpt, path, info.shape, conv1d_model)
         out_f, in_f = (info.shape[1], info.shape[0]) if conv1d else info.shape
-        targets.append(Target(path, out_f, in_f, conv1d))
+        targets.append(Target(path, out_f, in_f, conv1d, output=is_output_layer(path)))
     return targets
 
 
@@ -69,7 +131,7 @@ def _is_conv1d(ckpt: Checkpoint, path: str, shape: tuple[int, ...], conv1d_model
 
 
 def is_output_layer(path: str) -> bool:
-    """lm_head and its kin, which `all-linear` leaves out (as PEFT does)."""
+    """lm_head and its kin by name, for checkpoints without an architecture."""
     return path.rsplit(".", 1)[-1] in OUTPUT_LAYERS and path.count(".") <= 2
 
 
@@ -98,7 +160,7 @@ def select_targets(ckpt: Checkpoint, spec: str | Sequence[str]) -> list[Target]:
     items = parse_targets(spec)
     chosen = [
         t for t in candidates
-        if any((item == ALL_LINEAR and not is_output_layer(t.path)) or (item != ALL_LINEAR and matches(t.path, item))
+        if any((item == ALL_LINEAR and not t.output) or (item != ALL_LINEAR and matches(t.path, item))
                for item in items)
     ]
     if not chosen:
@@ -111,9 +173,21 @@ def kinds(targets: Iterable[Target]) -> list[str]:
     return list(dict.fromkeys(t.kind for t in targets))
 
 
-def compact_names(chosen: Sequence[Target], candidates: Sequence[Target]) -> list[str]:
-    """Module types when the choice is exactly every module of those types, else full paths (for PEFT configs)."""
+def compact_names(chosen: Sequence[Target], ckpt: Checkpoint) -> list[str]:
+    """Module types when PEFT's suffix matching of those names finds exactly the chosen modules, else full paths."""
     types = set(kinds(chosen))
-    if {t.path for t in candidates if t.kind in types} == {t.path for t in chosen}:
+    if {m for m in module_paths(ckpt) if m.rsplit(".", 1)[-1] in types} == {t.path for t in chosen}:
         return sorted(types)
     return [t.path for t in chosen]
+
+
+def module_paths(ckpt: Checkpoint) -> set[str]:
+    """The module paths of the checkpoint's model: the linear modules, and every dotted prefix of a tensor name
+    but those of linear modules whose tensors transformers renames (they are not module paths of the model)."""
+    targets = linear_targets(ckpt)
+    renamed = {t.stored_as.removesuffix(".weight") for t in targets if t.stored_as}
+    paths = {t.path for t in targets}
+    for name in ckpt.tensors:
+        parts = name.split(".")
+        paths.update(".".join(parts[:k]) for k in range(1, len(parts)))
+    return paths - renamed

@@ -67,8 +67,13 @@ class Method:
     def validate(self, target: Target) -> None:
         """Raise LrsError (naming module and shapes) if the method cannot adapt this module."""
         r = self.config.rank(target.path)
-        if r < 1 or r > min(target.out_features, target.in_features):
+        if r < 1 or r > self.max_rank(target):
             raise LrsError(f"rank {r} is larger than {target.path} allows (shape {target.out_features}x{target.in_features})")
+
+    def max_rank(self, target: Target) -> int:
+        """The largest rank `validate` accepts. A pair B·A takes any rank, as PEFT does (r above min(out, in),
+        e.g. on a 2-label classifier head, only wastes parameters); a rank above both dimensions is refused as a slip."""
+        return max(target.out_features, target.in_features)
 
     def init(self, targets: Sequence[Target], weights: Sequence[torch.Tensor] | None,
              generator: torch.Generator) -> list[dict[str, torch.Tensor]]:

@@ -59,6 +59,10 @@ class PissaInit:
         if niter is not None and (algorithm != "randomized" or niter < 0):
             raise LrsError(f"--niter {niter} needs --init-svd randomized and a value >= 0")
 
+    def max_rank(self, target: Target) -> int:
+        """The SVD of W has min(out, in) directions."""
+        return min(target.out_features, target.in_features)
+
     def frozen_factors(self, targets: Sequence[Target], weights: Sequence[torch.Tensor],
                        generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(A0, B0) per target, one batched SVD per (shape, rank, scale)."""
