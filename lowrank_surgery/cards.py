@@ -52,7 +52,7 @@ def hub_id(name: str | None) -> str | None:
     from huggingface_hub.utils import validate_repo_id
     from huggingface_hub.errors import HFValidationError
 
-    if not name or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not name or name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists():
         return None
     try:
         validate_repo_id(name)

@@ -127,6 +127,10 @@ def test_pipeline_tag_from_the_base_config(llama, tmp_path, monkeypatch):
     adapter = lrs.init_adapter("lora", llama, r=2, targets="q_proj")
     assert validated(cards.adapter_card(adapter)).get("pipeline_tag") == "text-generation"  # local base path
     assert "base_model" not in validated(cards.adapter_card(adapter))  # a local path is not a Hub id
+    (tmp_path / "models" / "smollm2").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    adapter.config.base_model = "models/smollm2"  # a relative local path that reads like namespace/name
+    assert "base_model" not in validated(cards.adapter_card(adapter))
     adapter.config.base_model = BASE_ID
     assert "pipeline_tag" not in validated(cards.adapter_card(adapter))  # not cached: no guess, no network
     snapshot_dir = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / ("a" * 40)
