@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import struct
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -277,37 +278,93 @@ class PlannedTensor:
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file: the header from a plan, then each tensor's bytes in plan order."""
+    """One safetensors file: the header from a plan at once, then each tensor's bytes at its planned offset,
+    in any order and from any thread (positioned writes), so tensors are written as soon as they are ready."""
 
     def __init__(self, path: Path, plan: Sequence[PlannedTensor], metadata: dict[str, str] | None = None):
-        self.path, self.plan, self._next = path, list(plan), 0
+        self.path = path
         header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
         offset = 0
-        for t in self.plan:
+        for t in plan:
             header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
             offset += t.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # align data to 8 bytes, as the reference writer does
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        start = 8 + len(blob)
+        self._places = {t.name: (t, start + header[t.name]["data_offsets"][0]) for t in plan}
+        self._unwritten = set(self._places)
+        self._lock = threading.Lock()
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            f.truncate(start + offset)
 
     def write(self, name: str, data: torch.Tensor | bytes) -> None:
-        expected = self.plan[self._next]
-        if name != expected.name:
-            raise RuntimeError(f"writer expected {expected.name}, got {name}")
+        """Put a tensor (or its raw bytes) in its place."""
+        expected, offset = self._place(name)
         if isinstance(data, torch.Tensor):
             if data.dtype != expected.dtype or tuple(data.shape) != expected.shape:
                 raise RuntimeError(f"{name}: planned {expected.dtype}{list(expected.shape)}, got {data.dtype}{list(data.shape)}")
             data = _tensor_bytes(data)
         if len(data) != expected.nbytes:
             raise RuntimeError(f"{name}: planned {expected.nbytes} bytes, got {len(data)}")
-        self._file.write(data)
-        self._next += 1
+        with _open_for_update(self.path) as fd:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
+        self._done(name)
+
+    def copy(self, name: str, source: Path, start: int) -> None:
+        """Put a tensor in its place straight from another file's bytes at `start` (in the kernel where it can)."""
+        expected, offset = self._place(name)
+        with open(source, "rb") as src, _open_for_update(self.path) as fd:
+            copied = _copy_range(src.fileno(), start, fd, offset, expected.nbytes)
+        if copied != expected.nbytes:
+            raise LrsError(f"corrupt safetensors file {source}: tensor {name} is truncated")
+        self._done(name)
 
     def close(self) -> None:
-        self._file.close()
-        if self._next != len(self.plan):
-            raise RuntimeError(f"{self.path}: {len(self.plan) - self._next} planned tensors were never written")
+        if self._unwritten:
+            raise RuntimeError(f"{self.path}: {len(self._unwritten)} planned tensors were never written")
+
+    def _place(self, name: str) -> tuple[PlannedTensor, int]:
+        if name not in self._places:
+            raise RuntimeError(f"writer has no planned tensor {name}")
+        return self._places[name]
+
+    def _done(self, name: str) -> None:
+        with self._lock:
+            self._unwritten.discard(name)
+
+
+@contextlib.contextmanager
+def _open_for_update(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _copy_range(src: int, start: int, dst: int, offset: int, nbytes: int) -> int:
+    """Copy nbytes from src at start to dst at offset; the bytes copied (fewer when src ends early)."""
+    done = 0
+    while done < nbytes:
+        try:
+            step = os.copy_file_range(src, dst, nbytes - done, start + done, offset + done)
+        except (AttributeError, OSError):  # no copy_file_range here (other OS, filesystem pairs): copy in user space
+            step = _copy_chunk(src, start + done, dst, offset + done, min(nbytes - done, 64 << 20))
+        if step == 0:
+            break
+        done += step
+    return done
+
+
+def _copy_chunk(src: int, start: int, dst: int, offset: int, nbytes: int) -> int:
+    data = os.pread(src, nbytes, start)
+    view = memoryview(data)
+    while view:
+        view = view[os.pwrite(dst, view, offset + len(data) - len(view)):]
+    return len(data)
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:

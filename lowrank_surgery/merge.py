@@ -1,14 +1,14 @@
 """`lrs merge` / `lrs unmerge`: fold an adapter into a base checkpoint (or take it out), streaming.
 
-The base is read one tensor at a time and the output shards are planned up front, so each
-shard's header goes first and its tensors follow as they are computed: peak memory is one
-tensor (a few float32 copies of the largest targeted weight), never the model. Untouched
-tensors are copied as raw bytes. Every method goes through `Method.merge` / `Method.unmerge`.
+The output shards are planned up front (headers first, every tensor's offset known), then a few worker
+threads each read one base tensor, compute and write it in place: peak memory is one tensor per worker
+(a few float32 copies of the largest targeted weight), never the model. Untouched tensors are copied
+file to file by the kernel (copy_file_range) without entering Python. Every method goes through
+`Method.merge` / `Method.unmerge`.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,55 +250,47 @@ Apply = Callable[[torch.Tensor, Params, str], torch.Tensor]
 def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str],
                   jobs: dict[str, Job], copies: dict[str, str], apply: Apply, device: torch.device,
                   bound: ErrorBound | None) -> None:
-    """Tensors are produced by a few worker threads (reads and torch ops release the GIL) and written here in
-    plan order; what is in flight is capped at the largest shard (or the largest single tensor's work).
-    `copies` names the base tensor an output tensor the base lacks is copied from."""
-    items = [(file, t, copies.get(t.name, t.name)) for file, shard in zip(names, shards) for t in shard]
-    costs = [_cost(ckpt, t, source, jobs.get(t.name)) for _, t, source in items]
-    budget = max(costs + [max(shard.stat().st_size for shard in ckpt.shards)])
-    ticks = iter(progress(range(len(items)), "merge" if bound is None else "unmerge", total=len(items), unit="tensor"))
-    pending: collections.deque = collections.deque()
-    writer: SafetensorsWriter | None = None
+    """Every output tensor is produced and written in place by a few worker threads (reads, torch ops and
+    positioned writes release the GIL), so only one tensor per worker is ever in memory. `copies` names the
+    base tensor an output tensor the base lacks is copied from."""
+    writers = {file: SafetensorsWriter(tmp / file, shard) for file, shard in zip(names, shards)}
+    items = [(writers[file], t, copies.get(t.name, t.name)) for file, shard in zip(names, shards) for t in shard]
+    failed = threading.Event()  # the first error stops the workers from starting further tensors
 
-    def flush() -> None:
-        nonlocal writer
-        file, t, future, _ = pending.popleft()
-        if writer is None or writer.path.name != file:
-            if writer is not None:
-                writer.close()
-            writer = SafetensorsWriter(tmp / file, shards[names.index(file)])
-        writer.write(t.name, future.result())
-        next(ticks, None)
+    def produce(writer: SafetensorsWriter, t: PlannedTensor, source: str) -> None:
+        if failed.is_set():
+            return
+        try:
+            _produce(writer, ckpt, t, source, jobs.get(t.name), apply, device, bound)
+        except BaseException:
+            failed.set()
+            raise
 
     pool = ThreadPoolExecutor(WORKERS)
     try:
-        for (file, t, source), cost in zip(items, costs):
-            while pending and sum(p[3] for p in pending) + cost > budget:
-                flush()
-            pending.append((file, t, pool.submit(_produce, ckpt, t, source, jobs.get(t.name), apply, device, bound), cost))
-        while pending:
-            flush()
-        if writer is not None:
-            writer.close()
+        futures = [pool.submit(produce, writer, t, source) for writer, t, source in items]
+        label = "merge" if bound is None else "unmerge"
+        for future in progress(as_completed(futures), label, total=len(futures), unit="tensor"):
+            future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    for writer in writers.values():
+        writer.close()
 
 
-def _cost(ckpt: Checkpoint, t: PlannedTensor, source: str, job: Job | None) -> int:
-    """Bytes a tensor holds while in flight: its bytes, or for a targeted one its input, float32 copy and result."""
-    if job is None:
-        return ckpt.tensors[source].nbytes + (t.nbytes if t.dtype != ckpt.tensors[source].dtype else 0)
-    return ckpt.tensors[job.source].nbytes + t.nbytes + 8 * math.prod(t.shape)
-
-
-def _produce(ckpt: Checkpoint, t: PlannedTensor, source: str, job: Job | None, apply: Apply, device: torch.device,
-             bound: ErrorBound | None) -> torch.Tensor | bytes:
-    """The data of one output tensor: computed, cast, or the bytes of base tensor `source` as they are."""
+def _produce(writer: SafetensorsWriter, ckpt: Checkpoint, t: PlannedTensor, source: str, job: Job | None,
+             apply: Apply, device: torch.device, bound: ErrorBound | None) -> None:
+    """Write one output tensor: computed, cast, or the bytes of base tensor `source` copied as they are."""
     if job is not None:
-        return _apply(ckpt, job, apply, t.dtype, device, bound)
-    if t.dtype == ckpt.tensors[source].dtype:
-        return ckpt.raw(source)
-    return read_tensor(ckpt, source).to(t.dtype)
+        writer.write(t.name, _apply(ckpt, job, apply, t.dtype, device, bound))
+        return
+    info = ckpt.info(source)
+    if t.dtype != info.dtype:
+        writer.write(t.name, read_tensor(ckpt, source).to(t.dtype))
+    elif info.shard.suffix == ".safetensors":
+        writer.copy(t.name, info.shard, info.start)
+    else:
+        writer.write(t.name, ckpt.raw(source))
 
 
 def read_tensor(ckpt: Checkpoint, name: str, scratch: str | None = None) -> torch.Tensor:
@@ -336,25 +328,30 @@ def _apply(ckpt: Checkpoint, job: Job, apply: Apply, dtype: torch.dtype, device:
     weight = _float32(stored)
     weight = weight.T if job.target.conv1d else weight
     params = {n: p.to(device) for n, p in job.params.items()}
-    result = apply(weight, params, job.target.path)
+    # merge works in place on this thread's float32 copy of W; unmerge keeps it for the error bound
+    out = weight if bound is None else _buffer("result", weight.shape, torch.float32, device)
+    result = apply(weight, params, job.target.path, out=out)
     peak = _peak(result)
     if not peak <= torch.finfo(dtype).max:  # NaN fails this too
         raise LrsError(f"{'merging' if bound is None else 'unmerging'} the adapter gives NaN or Inf in "
                        f"{job.output} (module {job.target.path}, {str(dtype).removeprefix('torch.')}); nothing was written")
     if bound is not None:
         bound.add(job, weight, stored.dtype, peak, dtype, params)
-    rounded = result.to(dtype)
-    if rounded.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
-        rounded = rounded.clone()  # the method handed back its input: the scratch buffer is reused next tensor
-    rounded = rounded.T if job.target.conv1d else rounded
-    return rounded.contiguous().cpu()
+    result = result.T if job.target.conv1d else result
+    # this thread's buffer, valid until its next tensor: the caller writes it out first
+    return _buffer("rounded", result.shape, dtype, device).copy_(result).cpu()
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:
-    """t as float32, on the CPU in this thread's reusable buffer."""
-    if t.device.type != "cpu":
-        return t.float()
-    return _scratch("f32", 4 * t.numel()).view(torch.float32).view(t.shape).copy_(t)
+    """t as float32 in this thread's reusable buffer."""
+    return _buffer("f32", t.shape, torch.float32, t.device).copy_(t)
+
+
+def _buffer(key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor in this thread's reusable buffer `key` (CPU), or a fresh one on an accelerator."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return _scratch(key, math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
 def _peak(x: torch.Tensor) -> float:

@@ -104,21 +104,25 @@ class Method:
         b, a = (t.float() for t in pair)
         return (b @ a) * self.config.scale(path)
 
-    def merge(self, weight: torch.Tensor, params: Params, path: str) -> torch.Tensor:
-        """W' = W + ΔW, in float32 (or float64 where a method needs it)."""
-        return self._shift(weight.float(), params, path, 1.0)
+    def merge(self, weight: torch.Tensor, params: Params, path: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W' = W + ΔW, in float32 (or float64 where a method needs it).
 
-    def unmerge(self, merged: torch.Tensor, params: Params, path: str) -> torch.Tensor:
-        """The W with merge(W) = merged."""
-        return self._shift(merged.float(), params, path, -1.0)
+        `out` is a float32 buffer of W's shape (it may be `weight` itself) that the method may write its result
+        into and return, sparing a fresh allocation; callers use the returned tensor either way.
+        """
+        return self._shift(weight.float(), params, path, 1.0, out)
 
-    def _shift(self, w: torch.Tensor, params: Params, path: str, sign: float) -> torch.Tensor:
+    def unmerge(self, merged: torch.Tensor, params: Params, path: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The W with merge(W) = merged (`out` as in `merge`)."""
+        return self._shift(merged.float(), params, path, -1.0, out)
+
+    def _shift(self, w: torch.Tensor, params: Params, path: str, sign: float, out: torch.Tensor | None) -> torch.Tensor:
         """w ± ΔW; when ΔW is the pair's s·B·A (delta not overridden), one fused addmm with no ΔW temporary."""
         pair = self.pair(params, shape=tuple(w.shape)) if type(self).delta is Method.delta else None
         if pair is None:
-            return w + self.delta(params, w, path) if sign > 0 else w - self.delta(params, None, path)
+            return torch.add(w, self.delta(params, w if sign > 0 else None, path), alpha=sign, out=out)
         b, a = (t.to(w.dtype) for t in pair)
-        return torch.addmm(w, b, a, alpha=sign * self.config.scale(path))
+        return torch.addmm(w, b, a, alpha=sign * self.config.scale(path), out=out)
 
     # ------------------------------------------------------------------ training
     def forward(self, layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:

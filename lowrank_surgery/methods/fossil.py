@@ -116,17 +116,18 @@ class Fossil(Method):
         reps = -(-inp // tiled.shape[0])
         return tiled.T.repeat(1, reps)[:, :inp]
 
-    def merge(self, weight: torch.Tensor, params: Params, path: str) -> torch.Tensor:
+    def merge(self, weight: torch.Tensor, params: Params, path: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """balance/mini: W + ΔW; bat: W_{b,c}(I + D_b) + D_b in float64 (returned as such, `out` unused)."""
         if self.variant != "bat":
-            return super().merge(weight, params, path)
+            return super().merge(weight, params, path, out)
         w = weight.double()
         return w + _bat_delta(w, params[BLOCK].double())
 
-    def unmerge(self, merged: torch.Tensor, params: Params, path: str) -> torch.Tensor:
+    def unmerge(self, merged: torch.Tensor, params: Params, path: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """balance/mini: W' − ΔW; bat: the exact inverse W_{b,c} = (W'_{b,c} − D_b)(I + D_b)⁻¹ in float64."""
         if self.variant != "bat":
             w = merged.float()
-            return w - self.delta(params, None, path, shape=tuple(w.shape))
+            return torch.sub(w, self.delta(params, None, path, shape=tuple(w.shape)), out=out)
         block = params[BLOCK].double()
         eye = torch.eye(block.shape[-1], dtype=torch.float64, device=block.device)
         affine = eye + block
