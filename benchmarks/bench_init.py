@@ -3,8 +3,9 @@
     python benchmarks/bench_init.py /tmp/smol [--rank 8] [--repeat 1] [--json out.json]
 
 lrs is timed end to end (read the checkpoint, SVD, build the adapter; no file written). PEFT is
-timed on `get_peft_model` only, the model already loaded in float32. The exact factors are
-checked against PEFT's: s·B0·A0 (sign and scaling conventions cancel) equals PEFT's rank-r part.
+timed on `get_peft_model` only, the model already loaded in float32. Every run's rank-r part s·B0·A0
+(sign and scaling conventions cancel) is compared with PEFT's and with the truncation computed by a
+float64 SVD (the truth both approximate): the largest entrywise error relative to the module's largest entry.
 """
 
 from __future__ import annotations
@@ -48,13 +49,27 @@ def peft_init(base: str, rank: int, init: str):
     return seconds, parts
 
 
-def max_difference(adapter, parts) -> float:
-    """Largest |s·B0·A0 − PEFT's s·B·A| over all modules."""
-    worst = 0.0
-    for path, params in adapter.weights.items():
-        ours = adapter.config.scale(path) * params["pissa_B0.weight"] @ params["pissa_A0.weight"]
-        worst = max(worst, (ours - parts[path]).abs().max().item())
-    return worst
+def rank_r_parts(adapter) -> dict[str, torch.Tensor]:
+    """{module path: s·B0·A0} of an lrs PiSSA/CoLA adapter."""
+    return {path: adapter.config.scale(path) * params["pissa_B0.weight"] @ params["pissa_A0.weight"]
+            for path, params in adapter.weights.items()}
+
+
+def float64_parts(base: str, paths, rank: int) -> dict[str, torch.Tensor]:
+    """{module path: rank-r truncation of W by a float64 SVD}."""
+    from lowrank_surgery.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(base)
+    parts = {}
+    for path in paths:
+        u, s, vh = torch.linalg.svd(ckpt.get(f"{path}.weight").double(), full_matrices=False)
+        parts[path] = ((u[:, :rank] * s[:rank]) @ vh[:rank]).float()
+    return parts
+
+
+def max_relative_difference(parts, reference) -> float:
+    """Largest |part − reference| / max |reference| over all modules."""
+    return max(((parts[p] - ref).abs().max() / ref.abs().max()).item() for p, ref in reference.items())
 
 
 def machine() -> str:
@@ -79,27 +94,32 @@ def main() -> None:
 
     peft_exact, exact_parts = best(lambda: peft_init(args.base, args.rank, "pissa"))
     peft_fast, fast_parts = best(lambda: peft_init(args.base, args.rank, f"pissa_niter_{args.niter}"))
-    rows = [("PEFT get_peft_model", "pissa", peft_exact, None),
-            ("PEFT get_peft_model", f"pissa_niter_{args.niter}", peft_fast, None)]
+    truth = float64_parts(args.base, exact_parts, args.rank)
+    rows = [("PEFT get_peft_model", "pissa", peft_exact, None, max_relative_difference(exact_parts, truth)),
+            ("PEFT get_peft_model", f"pissa_niter_{args.niter}", peft_fast, None,
+             max_relative_difference(fast_parts, truth))]
+    peers = {"gram": (peft_exact, exact_parts), "exact": (peft_exact, exact_parts), "randomized": (peft_fast, fast_parts)}
     for method in ("pissa", "cola"):
-        for algorithm, reference, parts in (("exact", peft_exact, exact_parts), ("randomized", peft_fast, fast_parts)):
+        for algorithm, (reference, parts) in peers.items():
             seconds, adapter = best(lambda: lrs_init(args.base, method, args.rank, algorithm, args.niter))
+            ours = rank_r_parts(adapter)
             rows.append((f"lrs init --method {method}", algorithm, seconds,
-                         (reference / seconds, max_difference(adapter, parts))))
+                         (reference / seconds, max_relative_difference(ours, parts)), max_relative_difference(ours, truth)))
 
     print(f"Init of all linear modules of {args.base}, r={args.rank} ({machine()})\n")
-    print("| run | SVD | seconds | PEFT / lrs | max abs diff of s·B0·A0 vs PEFT |")
-    print("|---|---|---:|---:|---:|")
-    for name, svd, seconds, extra in rows:
+    print("| run | SVD | seconds | PEFT / lrs | rel. diff of s·B0·A0 vs PEFT | rel. error vs float64 SVD |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, svd, seconds, extra, error in rows:
         ratio, diff = (f"{extra[0]:.2f}x", f"{extra[1]:.1e}") if extra else ("", "")
-        print(f"| {name} | {svd} | {seconds:.2f} | {ratio} | {diff} |")
-    print("\nRatios compare exact with PEFT `pissa` and randomized with "
+        print(f"| {name} | {svd} | {seconds:.2f} | {ratio} | {diff} | {error:.1e} |")
+    print("\nRatios compare gram and exact with PEFT `pissa`, randomized with "
           f"`pissa_niter_{args.niter}`; randomized factors differ from PEFT's by design (other random draws).")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "base": args.base, "rank": args.rank,
                        "rows": [{"run": n, "svd": s, "seconds": t, "speedup": e[0] if e else None,
-                                 "max_abs_diff": e[1] if e else None} for n, s, t, e in rows]}, f, indent=2)
+                                 "max_rel_diff_vs_peft": e[1] if e else None, "max_rel_error": err}
+                                for n, s, t, e, err in rows]}, f, indent=2)
 
 
 if __name__ == "__main__":

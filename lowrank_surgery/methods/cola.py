@@ -51,7 +51,7 @@ from ..errors import LrsError
 from ..targets import Target
 from .base import Method, Params
 from .lora import config_from_lora_json, lora_json
-from .pissa import A0, B0, PissaInit, frozen_factors_of
+from .pissa import A0, B0, DEFAULT_SVD, PissaInit, frozen_factors_of
 
 if TYPE_CHECKING:
     from ..attach import AdapterLayer
@@ -63,7 +63,7 @@ class CoLA(PissaInit, Method):
     name = "cola"
     peft_type = "COLA"
     needs_base_weight = True
-    defaults = {"num_a": 2, "num_b": 3, "strategy": "fully", "init_svd": "exact", "niter": None}
+    defaults = {"num_a": 2, "num_b": 3, "strategy": "fully", "init_svd": DEFAULT_SVD, "niter": None}
 
     def __init__(self, config: AdapterConfig):
         super().__init__(config)
@@ -206,8 +206,8 @@ class CoLA(PissaInit, Method):
         if self.strategy != "fully":
             warnings.append(f"CoLA strategy {self.strategy} written as fully (the original code's only strategy) "
                             f"with the same evaluation ΔW")
-        algorithm = self.config.options.get("init_svd", "exact")
-        if algorithm != "exact":
+        algorithm = self.config.options.get("init_svd", DEFAULT_SVD)
+        if algorithm == "randomized":
             warnings.append(f"the original CoLA code recomputes the residual W − s·B0·A0 by exact SVD, but this "
                             f"adapter's frozen factors come from a {algorithm} SVD: its outputs there differ by that "
                             f"SVD's error")

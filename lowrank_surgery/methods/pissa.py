@@ -28,10 +28,12 @@ if TYPE_CHECKING:
 
 A0, B0 = "pissa_A0.weight", "pissa_B0.weight"
 SVD_ALGORITHMS = ("exact", "randomized", "gram")  # gram: exact, through the float64 Gram matrix
+# The default: on SmolLM2 it is twice as fast as float32 `exact` and ~100x closer to a float64 SVD (bench_init).
+DEFAULT_SVD = "gram"
 DEFAULT_NITER = 4
 
 
-def pissa_factors(weights: Sequence[torch.Tensor], r: int, scale: float, algorithm: str = "exact",
+def pissa_factors(weights: Sequence[torch.Tensor], r: int, scale: float, algorithm: str = DEFAULT_SVD,
                   niter: int | None = None, generator: torch.Generator | None = None
                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(A0, B0) per weight (out × in, float32), s·B0·A0 its rank-r truncation; same shapes share one batched SVD."""
@@ -53,7 +55,7 @@ class PissaInit:
     completable = frozenset({A0, B0})
 
     def check_svd_options(self) -> None:
-        algorithm, niter = self.config.options.get("init_svd", "exact"), self.config.options.get("niter")
+        algorithm, niter = self.config.options.get("init_svd", DEFAULT_SVD), self.config.options.get("niter")
         if algorithm not in SVD_ALGORITHMS:
             raise LrsError(f"unknown --init-svd {algorithm!r} (known: {', '.join(SVD_ALGORITHMS)})")
         if niter is not None and (algorithm != "randomized" or niter < 0):
@@ -71,7 +73,7 @@ class PissaInit:
             groups.setdefault((self.config.rank(t.path), self.config.scale(t.path)), []).append(k)
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(targets)
         for (r, s), idx in groups.items():
-            found = pissa_factors([weights[k] for k in idx], r, s, self.config.options.get("init_svd", "exact"),
+            found = pissa_factors([weights[k] for k in idx], r, s, self.config.options.get("init_svd", DEFAULT_SVD),
                                   self.config.options.get("niter"), generator)
             for k, f in zip(idx, found):
                 out[k] = f
@@ -114,7 +116,7 @@ class PiSSA(PissaInit, Method):
     name = "pissa"
     peft_type = "PISSA"
     needs_base_weight = True
-    defaults = {"init_svd": "exact", "niter": None}
+    defaults = {"init_svd": DEFAULT_SVD, "niter": None}
 
     def __init__(self, config: AdapterConfig):
         super().__init__(config)
@@ -157,6 +159,6 @@ class PiSSA(PissaInit, Method):
 
 def _peft_init(config: AdapterConfig) -> str:
     """PEFT's name for the same init (informational: these adapters keep the frozen factors)."""
-    if config.options.get("init_svd", "exact") == "exact":
+    if config.options.get("init_svd", DEFAULT_SVD) != "randomized":
         return "pissa"
     return f"pissa_niter_{config.options.get('niter') or DEFAULT_NITER}"
