@@ -35,6 +35,8 @@ DEFAULT_MODELS = {"smol": "/tmp/smol", "llama-1b": "/tmp/llama-1b"}
 
 
 def child_lrs(model: str, out: Path, algorithm: str, rank: int, niter: int) -> dict:
+    from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the clock, as in the baseline)
+
     from lowrank_surgery.subspace import extract_subspace
 
     start = time.perf_counter()

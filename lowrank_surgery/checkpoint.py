@@ -223,14 +223,12 @@ class Checkpoint:
         info = self.info(name)
         if info.shard in self._pickled:
             return self._pickled[info.shard][name]
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
         with open(info.shard, "rb") as f:
             f.seek(info.start)
-            data = bytearray(f.read(info.nbytes))
-        if len(data) != info.nbytes:
-            raise LrsError(f"corrupt safetensors file {info.shard}: tensor {name} is truncated")
-        if not data:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(data, dtype=info.dtype).reshape(info.shape)
+            if info.nbytes and f.readinto(data.numpy()) != info.nbytes:  # straight into the tensor: one copy
+                raise LrsError(f"corrupt safetensors file {info.shard}: tensor {name} is truncated")
+        return data.view(info.dtype).reshape(info.shape)
 
     def raw(self, name: str) -> bytes | torch.Tensor:
         """The tensor's stored bytes (a tensor for pickled shards), for copying without decoding."""

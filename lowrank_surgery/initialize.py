@@ -67,5 +67,10 @@ def _batches(ckpt: Checkpoint, targets: list[Target], with_weights: bool
 
 def load_weight(ckpt: Checkpoint, target: Target) -> torch.Tensor:
     """A target's weight in nn.Linear layout (out × in), float32."""
-    w = ckpt.get(target.source).float()
+    return linear_float32(ckpt.get(target.source), target)
+
+
+def linear_float32(stored: torch.Tensor, target: Target) -> torch.Tensor:
+    """A target's weight as stored, in nn.Linear layout (out × in), float32."""
+    w = stored.float()
     return w.T.contiguous() if target.conv1d else w

@@ -116,18 +116,23 @@ class Fossil(Method):
         reps = -(-inp // tiled.shape[0])
         return tiled.T.repeat(1, reps)[:, :inp]
 
+    def _fold_shift(self, w: torch.Tensor, params: Params, sign: float, out: torch.Tensor | None) -> torch.Tensor:
+        """w ± ΔW as one addmm with the fold pair, no ΔW temporary. Exact: each column of the 0/1 fold matrix
+        holds a single 1, so every entry adds one D value to w, rounded once, as w ± ΔW does."""
+        b, a = self.pair(params, shape=tuple(w.shape))
+        return torch.addmm(w, b.to(w.dtype), a.to(w.dtype), alpha=sign, out=out)
+
     def merge(self, weight: torch.Tensor, params: Params, path: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """balance/mini: W + ΔW; bat: W_{b,c}(I + D_b) + D_b in float64 (returned as such, `out` unused)."""
         if self.variant != "bat":
-            return super().merge(weight, params, path, out)
+            return self._fold_shift(weight.float(), params, 1.0, out)
         w = weight.double()
         return w + _bat_delta(w, params[BLOCK].double())
 
     def unmerge(self, merged: torch.Tensor, params: Params, path: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """balance/mini: W' − ΔW; bat: the exact inverse W_{b,c} = (W'_{b,c} − D_b)(I + D_b)⁻¹ in float64."""
         if self.variant != "bat":
-            w = merged.float()
-            return torch.sub(w, self.delta(params, None, path, shape=tuple(w.shape)), out=out)
+            return self._fold_shift(merged.float(), params, -1.0, out)
         block = params[BLOCK].double()
         eye = torch.eye(block.shape[-1], dtype=torch.float64, device=block.device)
         affine = eye + block
