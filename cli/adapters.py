@@ -39,7 +39,7 @@ def init(
     subspace: Path = typer.Option(None, "--subspace", help="cora: subspace directory from extract-subspace.", rich_help_panel=METHOD_HELP),
     cora_mode: str = typer.Option(None, "--cora-mode", help="cora: frozen (B fixed) or init (B trains).", rich_help_panel=METHOD_HELP),
     a_init: str = typer.Option(None, "--a-init", help="cora: zeros or kaiming.", rich_help_panel=METHOD_HELP),
-    init_svd: str = typer.Option(None, "--init-svd", help="pissa, cola: gram (exact, float64 Gram + eigh; default), exact (float32 SVD) or randomized.", rich_help_panel=METHOD_HELP),
+    init_svd: str = typer.Option(None, "--init-svd", help="pissa, cola: exact (float32 SVD, as PEFT; default), gram (float64 Gram + eigh: faster, more accurate) or randomized.", rich_help_panel=METHOD_HELP),
     niter: int = typer.Option(None, "--niter", help="pissa, cola: power iterations of the randomized SVD.", rich_help_panel=METHOD_HELP),
     num_a: int = typer.Option(None, "--num-a", help="cola: number of A matrices (default 2).", rich_help_panel=METHOD_HELP),
     num_b: int = typer.Option(None, "--num-b", help="cola: number of B matrices (default 3).", rich_help_panel=METHOD_HELP),
