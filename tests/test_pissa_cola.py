@@ -42,6 +42,22 @@ def test_pissa_factors_are_the_rank_r_truncation(llama):
         assert (w.double() - S * rb0.double() @ ra0.double()).norm() <= 1.05 * optimal
 
 
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+def test_pissa_factors_match_peft_pissa_init(llama, svd):
+    """PEFT's init_lora_weights="pissa" is the oracle: same rank-r part (exact: the same float32 SVD)."""
+    from peft import LoraConfig, get_peft_model
+
+    adapter = lrs.init_adapter("pissa", llama, r=R, alpha=ALPHA, targets="q_proj,down_proj", options={"init_svd": svd})
+    model = get_peft_model(load_causal_lm(llama), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"],
+                                                             init_lora_weights="pissa"))
+    modules = dict(model.base_model.model.named_modules())
+    for path, params in adapter.weights.items():
+        layer = modules[path]
+        peft_part = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        ours = S * params["pissa_B0.weight"] @ params["pissa_A0.weight"]
+        torch.testing.assert_close(ours, peft_part.detach(), rtol=0, atol=0 if svd == "exact" else 1e-5)
+
+
 def test_pissa_init_is_identity_and_pair_has_rank_2r(llama):
     adapter = lrs.init_adapter("pissa", llama, r=R, alpha=ALPHA, targets="all-linear")
     method = adapter.method
