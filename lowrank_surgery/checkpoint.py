@@ -218,12 +218,13 @@ class Checkpoint:
         """Tensor names, in file order, of one shard or of the whole checkpoint."""
         return [n for n, info in self.tensors.items() if shard is None or info.shard == shard]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory."""
+    def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into memory, straight out of the page cache (one copy); into `buffer`
+        (uint8, at least the tensor's bytes) when given, which the result then shares."""
         info = self.info(name)
         if info.shard in self._pickled:
             return self._pickled[info.shard][name]
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        data = torch.empty(info.nbytes, dtype=torch.uint8) if buffer is None else buffer[:info.nbytes]
         with open(info.shard, "rb") as f:
             f.seek(info.start)
             if info.nbytes and f.readinto(data.numpy()) != info.nbytes:  # straight into the tensor: one copy

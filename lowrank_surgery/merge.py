@@ -149,7 +149,7 @@ def plan_jobs(ckpt: Checkpoint, adapter: Adapter, method: Method, from_base: boo
 
 def _linear_weight(ckpt: Checkpoint, job: Job) -> torch.Tensor:
     """A job's W in nn.Linear layout, float32."""
-    w = read_tensor(ckpt, job.source).float()
+    w = ckpt.get(job.source).float()
     return w.T.contiguous() if job.target.conv1d else w
 
 
@@ -244,7 +244,7 @@ def _device(device: str) -> torch.device:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-Apply = Callable[[torch.Tensor, Params, str], torch.Tensor]
+Apply = Callable[..., torch.Tensor]  # Method.merge or Method.unmerge: (W, params, path, out=buffer) -> W'
 
 
 def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str],
@@ -286,25 +286,11 @@ def _produce(writer: SafetensorsWriter, ckpt: Checkpoint, t: PlannedTensor, sour
         return
     info = ckpt.info(source)
     if t.dtype != info.dtype:
-        writer.write(t.name, read_tensor(ckpt, source).to(t.dtype))
+        writer.write(t.name, ckpt.get(source).to(t.dtype))
     elif info.shard.suffix == ".safetensors":
         writer.copy(t.name, info.shard, info.start)
     else:
         writer.write(t.name, ckpt.raw(source))
-
-
-def read_tensor(ckpt: Checkpoint, name: str, scratch: str | None = None) -> torch.Tensor:
-    """One tensor read straight into memory (a single copy out of the page cache), into this thread's
-    reusable `scratch` buffer when named (valid until the thread's next read into it)."""
-    info = ckpt.info(name)
-    if info.shard.suffix != ".safetensors" or not info.nbytes:
-        return ckpt.get(name)
-    data = _scratch(scratch, info.nbytes) if scratch else torch.empty(info.nbytes, dtype=torch.uint8)
-    with open(info.shard, "rb") as f:
-        f.seek(info.start)
-        if f.readinto(data.numpy()) != info.nbytes:
-            raise LrsError(f"corrupt safetensors file {info.shard}: tensor {name} is truncated")
-    return data.view(info.dtype).reshape(info.shape)
 
 
 _SCRATCH = threading.local()
@@ -324,7 +310,7 @@ def _scratch(key: str, nbytes: int) -> torch.Tensor:
 def _apply(ckpt: Checkpoint, job: Job, apply: Apply, dtype: torch.dtype, device: torch.device,
            bound: ErrorBound | None) -> torch.Tensor:
     """W (Linear layout, float32, on `device`) through the method, rounded once to the output dtype."""
-    stored = read_tensor(ckpt, job.source, scratch="in").to(device)
+    stored = ckpt.get(job.source, buffer=_scratch("in", ckpt.info(job.source).nbytes)).to(device)
     weight = _float32(stored)
     weight = weight.T if job.target.conv1d else weight
     params = {n: p.to(device) for n, p in job.params.items()}
