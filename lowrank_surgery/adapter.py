@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import atomic_output, load_tensors, save_tensors
+from .checkpoint import atomic_output, load_tensors, read_json_object, save_tensors
 from .errors import LrsError
 
 if TYPE_CHECKING:
@@ -123,13 +123,7 @@ def read_config(path: Path) -> dict:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise LrsError(f"{path}: not an adapter directory (no {CONFIG_NAME})")
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LrsError(f"{config_path}: not valid JSON") from None
-    if not isinstance(data, dict):
-        raise LrsError(f"{config_path}: not a JSON object")
-    return data
+    return read_json_object(config_path)
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
@@ -139,7 +133,11 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     path = Path(path)
     if not path.exists():
         raise LrsError(f"no such file or directory: {path}")
-    method = method_from_json(read_config(path))
+    config = read_config(path)
+    try:
+        method = method_from_json(config)
+    except (TypeError, ValueError) as exc:  # a field of the wrong type, e.g. "r": "four"
+        raise LrsError(f"{path / CONFIG_NAME}: malformed field ({exc})") from None
     weights_path = path / WEIGHTS_NAME
     if not weights_path.is_file():
         if (path / "adapter_model.bin").is_file():

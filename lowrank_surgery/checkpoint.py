@@ -203,12 +203,7 @@ class Checkpoint:
 
     def _read_json(self, name: str) -> dict:
         path = self.path / name
-        if not path.is_file():
-            return {}
-        try:
-            return json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LrsError(f"{path}: not valid JSON") from None
+        return read_json_object(path) if path.is_file() else {}
 
     @property
     def is_sharded(self) -> bool:
@@ -382,7 +377,21 @@ def parse_size(text: str | int) -> int:
         raise LrsError(f"not a size: {text!r} (expected e.g. 5GB or 500MB)")
     number, unit, binary = m.groups()
     power = "KMGT".find(unit.upper()) + 1 if unit else 0
-    return int(float(number) * (1024 if binary else 1000) ** power)
+    size = int(float(number) * (1024 if binary else 1000) ** power)
+    if size < 1:
+        raise LrsError(f"size {text!r} is less than one byte (expected e.g. 5GB or 500MB)")
+    return size
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; LrsError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LrsError(f"{path}: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise LrsError(f"{path}: not a JSON object")
+    return data
 
 
 def plan_shards(tensors: Sequence[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:

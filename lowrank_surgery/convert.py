@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, AdapterConfig, load_adapter, write_adapter_files
+from .adapter import (CONFIG_NAME, WEIGHTS_NAME, Adapter, AdapterConfig, load_adapter, read_config,
+                      write_adapter_files)
 from .checkpoint import Checkpoint, ModelSource, atomic_output, check_output, read_header, save_tensors
 from .errors import LrsError
 from .initialize import load_weight
@@ -68,8 +69,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if not p.exists():
         raise LrsError(f"no such file or directory: {p}")
     if p.is_dir() and (p / CONFIG_NAME).is_file():
-        data = json.loads((p / CONFIG_NAME).read_text())
-        return "mlx" if isinstance(data, dict) and "lora_parameters" in data else "peft"
+        return "mlx" if "lora_parameters" in read_config(p) else "peft"
     file = _single_safetensors(p)
     _key_layout(read_header(file)[0], file, "kohya")
     return "kohya"
@@ -178,7 +178,7 @@ def _mangle(path: str) -> str:
 
 def read_mlx(directory: Path, base: Checkpoint | None = None) -> Adapter:
     """An mlx-lm LoRA adapter directory: ΔW = scale·lora_bᵀ·lora_aᵀ."""
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = read_config(directory)
     kind = config.get("fine_tune_type", "dora" if config.get("use_dora") else "lora")  # older mlx-lm: use_dora
     if kind != "lora":
         raise LrsError(f"{directory}: mlx-lm fine_tune_type {kind!r} is not a LoRA (only 'lora' converts)")

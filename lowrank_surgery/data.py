@@ -69,21 +69,24 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; a bad line is an error naming file and line."""
     if not path.is_file():
         raise LrsError(f"no such data file: {path}")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LrsError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise LrsError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append((number, record))
+    with path.open("rb") as f:
+        records = [(number, _parse_line(raw, f"{path}:{number}")) for number, raw in enumerate(f, 1) if raw.strip()]
     if not records:
         raise LrsError(f"{path}: empty data file (expected JSON Lines with text, prompt/completion or messages)")
     return records
+
+
+def _parse_line(raw: bytes, where: str) -> dict:
+    """One JSON Lines record; `where` (file:line) names it in errors."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise LrsError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise LrsError(f"{where}: malformed JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise LrsError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def encode(record: dict, tokenizer: Any, where: str) -> Example:

@@ -7,7 +7,6 @@ scrubbed from every message lrs prints.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from . import cards
 from .adapter import CONFIG_NAME, load_adapter
 from .checkpoint import Checkpoint
 from .errors import LrsError
+from .subspace import read_subspace_info
 
 CARD_NAME = "README.md"
 SUBSPACE_NAME = "subspace.json"
@@ -93,21 +93,11 @@ def build_card(path: Path, kind: str, repo_id: str | None = None) -> str:
         images = [p.name for p in sorted(path.glob("*.png"))]
         return cards.adapter_card(load_adapter(path), repo_id, cards.read_metrics(path), images, existing)
     if kind == "subspace":
-        return cards.subspace_card(_subspace_info(path), repo_id, existing)
+        return cards.subspace_card(read_subspace_info(path), repo_id, existing)
     config = Checkpoint(path).config  # also checks the shards are readable before anything is sent
     if existing is None:  # lrs merge writes a card: without one, this is some other checkpoint
         return cards.merged_card(config, operation=None, repo_id=repo_id)
     return cards.update_card(existing, cards.merged_metadata(config), None, str(readme))
-
-
-def _subspace_info(path: Path) -> dict:
-    try:
-        info = json.loads((path / SUBSPACE_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        info = None
-    if not isinstance(info, dict):
-        raise LrsError(f"{path / SUBSPACE_NAME}: not a JSON object")
-    return info
 
 
 def push(path: str | os.PathLike, repo_id: str, private: bool = False, create_pr: bool = False,

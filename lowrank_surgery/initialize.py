@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -26,6 +27,8 @@ def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 
         raise LrsError(f"--rank must be at least 1, got {r}")
     if not 0.0 <= dropout < 1.0:
         raise LrsError(f"--dropout must be in [0, 1), got {dropout}")
+    if alpha is not None and not (math.isfinite(alpha) and alpha != 0):
+        raise LrsError(f"--alpha must be a finite nonzero number, got {alpha}")
     cls = METHODS[method]
     unknown = sorted(set(options or {}) - set(cls.defaults))
     if unknown:

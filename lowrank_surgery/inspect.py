@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -12,6 +11,7 @@ from .adapter import CONFIG_NAME
 from .checkpoint import Checkpoint, DTYPE_NAMES
 from .convert import detect_format, read_adapter
 from .errors import LrsError
+from .subspace import read_subspace_info
 from .targets import kinds, linear_targets
 
 
@@ -21,7 +21,7 @@ def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
     if not p.exists():
         raise LrsError(f"no such file or directory: {p}")
     if p.is_dir() and (p / "subspace.json").is_file():
-        return json.loads((p / "subspace.json").read_text()) | {"kind": "subspace", "path": str(p)}
+        return read_subspace_info(p) | {"kind": "subspace", "path": str(p)}
     if _is_adapter(p):
         return inspect_adapter(p)
     return inspect_checkpoint(p)

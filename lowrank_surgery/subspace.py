@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import torch
 
 from .adapter import package_version
-from .checkpoint import Checkpoint, atomic_output, check_output, load_tensors, resolve_model, save_tensors
+from .checkpoint import (Checkpoint, atomic_output, check_output, load_tensors, read_json_object, resolve_model,
+                         save_tensors)
 from .errors import LrsError
 from .initialize import linear_float32
 from .progress import progress
@@ -251,18 +252,21 @@ class Subspace:
 def load_subspace(path: str | os.PathLike, revision: str | None = None) -> Subspace:
     """Read a subspace directory (local or a Hub repo id)."""
     source = resolve_model(path, revision)
-    directory = source.path
-    info_path, bases_path = directory / INFO_NAME, directory / BASES_NAME
-    if not info_path.is_file() or not bases_path.is_file():
-        raise LrsError(f"{source.id}: not a subspace directory (needs {INFO_NAME} and {BASES_NAME})")
-    try:
-        info = json.loads(info_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LrsError(f"{info_path}: not valid JSON") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("scope") not in SCOPES:
-        raise LrsError(f"{info_path}: not an {FORMAT} file")
+    info = read_subspace_info(source.path, source.id)
+    bases_path = source.path / BASES_NAME
     bases = {k[: -len(".basis")]: t.float() for k, t in load_tensors(bases_path).items() if k.endswith(".basis")}
     return Subspace(info, bases, source.id, source.revision, _file_hash(bases_path))
+
+
+def read_subspace_info(directory: Path, name: str | None = None) -> dict[str, Any]:
+    """The checked subspace.json of a subspace directory (`name`: how to call it in errors)."""
+    info_path, bases_path = directory / INFO_NAME, directory / BASES_NAME
+    if not info_path.is_file() or not bases_path.is_file():
+        raise LrsError(f"{name or directory}: not a subspace directory (needs {INFO_NAME} and {BASES_NAME})")
+    info = read_json_object(info_path)
+    if info.get("format") != FORMAT or info.get("scope") not in SCOPES:
+        raise LrsError(f"{info_path}: not an {FORMAT} file")
+    return info
 
 
 def _file_hash(path: Path) -> str:

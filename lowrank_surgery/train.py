@@ -76,7 +76,11 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
     examples whatever the number of processes. on_log receives every metrics record (rank 0 only).
     """
     out = Path(out)
-    _check_args(out, resume, force, steps, epochs, batch_size, grad_accum, save_every, eval_every)
+    _check_args(out, resume, force, steps, epochs,
+                positive={"--steps": steps, "--epochs": epochs, "--lr": lr, "--batch-size": batch_size,
+                          "--grad-accum": grad_accum, "--save-every": save_every, "--eval-every": eval_every,
+                          "--max-grad-norm": max_grad_norm},
+                non_negative={"--warmup": warmup, "--weight-decay": weight_decay})
     ctx = _setup_distributed(device)
     try:
         return _run(ctx, adapter, base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -157,18 +161,20 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
     return summarize(out, records, train_set, eval_set, start, total, trainable, ctx, time.perf_counter() - began)
 
 
-def _check_args(out: Path, resume: bool, force: bool, steps, epochs, batch_size, grad_accum, save_every,
-                eval_every) -> None:
+def _check_args(out: Path, resume: bool, force: bool, steps, epochs, positive: dict[str, float | None],
+                non_negative: dict[str, float | None]) -> None:
     if resume and not (out / STATE_DIR / "state.json").is_file():
         raise LrsError(f"--resume: {out} holds no training checkpoint ({STATE_DIR}/state.json)")
     if not resume:
         check_output(out, force)
     if steps is not None and epochs is not None:
         raise LrsError("give --steps or --epochs, not both")
-    for name, value in (("--steps", steps), ("--epochs", epochs), ("--batch-size", batch_size),
-                        ("--grad-accum", grad_accum), ("--save-every", save_every), ("--eval-every", eval_every)):
-        if value is not None and value <= 0:
+    for name, value in positive.items():
+        if value is not None and not value > 0:  # `not >` also refuses nan
             raise LrsError(f"{name} must be positive, got {value}")
+    for name, value in non_negative.items():
+        if value is not None and not value >= 0:
+            raise LrsError(f"{name} must be at least 0, got {value}")
 
 
 # ---------------------------------------------------------------------------- setup
@@ -193,9 +199,12 @@ def load_tokenizer(base: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(base)
+        tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError, TypeError) as exc:
         raise LrsError(f"{base}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+    if not tokenizer("Hello world")["input_ids"]:  # transformers 5 builds an empty tokenizer when files are missing
+        raise LrsError(f"{base}: no usable tokenizer (it encodes text to no tokens; are its tokenizer files missing?)")
+    return tokenizer
 
 
 def load_model(base: Path, adapter: Adapter, ctx: Context, grad_checkpointing: bool) -> nn.Module:

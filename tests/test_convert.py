@@ -208,12 +208,15 @@ def _bad_inputs(tmp_path, llama) -> dict[str, list]:
     save_file({"layers.0.weight": torch.zeros(2, 2)}, tmp_path / "unknown" / "x.safetensors")
     save_file({**kohya, "model.layers.0.mlp.up_proj.lora_a": torch.zeros(64, 2)}, tmp_path / "mixed.safetensors")
     save_file(kohya, tmp_path / "bare.safetensors")
+    (tmp_path / "bad-config").mkdir()
+    (tmp_path / "bad-config" / "adapter_config.json").write_text("{not json")
     cases = {
         "unrecognised adapter key layout: 1 unknown key(s), e.g. layers.0.weight": [tmp_path / "unknown", "--to", "mlx"],
         "mixed adapter key layout": [tmp_path / "mixed.safetensors", "--to", "peft-lora"],
         "loses information (--rank 2 truncates": [tmp_path / "lora", "--to", "peft-lora", "--rank", "2"],
         "needs the base model (--base MODEL)": [tmp_path / "bare.safetensors", "--to", "peft-lora"],
         "cannot be expressed as MISS": [tmp_path / "lora", "--to", "peft-miss"],
+        "bad-config/adapter_config.json: not valid JSON": [tmp_path / "bad-config", "--to", "mlx"],
     }
     if "fossil" in ls.METHODS:
         ls.save_adapter(_trained(llama, "fossil-bat"), tmp_path / "bat")

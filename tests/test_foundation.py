@@ -200,6 +200,8 @@ def _bad(tmp_path, llama):
         "--allow-pickle": ["--base", pickled],
         "matched no linear module; this model has:": ["--base", llama, "--targets", "nope"],
         "rank 100 is larger than model.layers.0.": ["--base", llama, "--rank", "100"],
+        "--alpha must be a finite nonzero number, got 0.0": ["--base", llama, "--alpha", "0"],
+        "--alpha must be a finite nonzero number, got nan": ["--base", llama, "--alpha", "nan"],
         "already exists": ["--base", llama, "--out", exists],
     }
 

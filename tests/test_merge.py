@@ -235,6 +235,16 @@ def _wrong_shape(llama, tmp_path) -> Path:
     return tmp_path / "wrong-shape"
 
 
+def _edited_config(good: Path, out: Path, edit: Callable[[dict], object]) -> Path:
+    """A copy of the adapter `good` whose adapter_config.json went through `edit`."""
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+    config = json.loads((good / "adapter_config.json").read_text())
+    edit(config)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
 def _bad_cases(tiny_models, tmp_path) -> dict[str, list]:
     llama = tiny_models["llama"]
     good = make_adapter("lora", "default", llama, targets="q_proj")
@@ -256,6 +266,12 @@ def _bad_cases(tiny_models, tmp_path) -> dict[str, list]:
         "truncated": [tmp_path / "good", corrupt, "OUT"],
         "already exists; pass --force": [tmp_path / "good", llama, exists],
         "NaN or Inf in model.layers.0.self_attn.q_proj.weight": [tmp_path / "infinite", llama, "OUT"],
+        "adapter_config.json: malformed field (invalid literal for int()": [
+            _edited_config(tmp_path / "good", tmp_path / "r-text", lambda c: c.update(r="four")), llama, "OUT"],
+        "adapter declares lrs method 'foobar', which peft_type LORA does not support": [
+            _edited_config(tmp_path / "good", tmp_path / "bad-method", lambda c: c["lrs"].update(method="foobar")),
+            llama, "OUT"],
+        "size '0' is less than one byte": [tmp_path / "good", llama, "OUT", "--max-shard-size", "0"],
     }
 
 
@@ -267,9 +283,9 @@ def _assert_clean_failure(res, expected: str, tmp_path: Path, out: Path) -> None
 
 
 def test_bad_input_exits_1_with_one_line_and_leaves_nothing(lrs, tiny_models, tmp_path):
-    for expected, (adapter, base, out) in _bad_cases(tiny_models, tmp_path).items():
+    for expected, (adapter, base, out, *options) in _bad_cases(tiny_models, tmp_path).items():
         out = tmp_path / "out" if out == "OUT" else out
-        _assert_clean_failure(lrs("merge", adapter, base, out), expected, tmp_path, out)
+        _assert_clean_failure(lrs("merge", adapter, base, out, *options), expected, tmp_path, out)
 
 
 def test_no_space_left_removes_the_temporary_output(lrs, llama, tmp_path, monkeypatch):

@@ -256,6 +256,10 @@ def test_bad_input_exits_1_with_one_line(lrs, adapter_dir, llama, tmp_path):
     bad_metrics = tmp_path / "bad-metrics"
     shutil.copytree(adapter_dir, bad_metrics)
     (bad_metrics / "metrics.jsonl").write_text('{"step": 1}\n{"step": \n')
+    bad_subspace = tmp_path / "bad-subspace"
+    bad_subspace.mkdir()
+    (bad_subspace / "subspace.json").write_text("{")
+    (bad_subspace / "subspace.safetensors").write_bytes(b"")
     bad_yaml = tmp_path / "bad-yaml"
     shutil.copytree(adapter_dir, bad_yaml)
     (bad_yaml / "README.md").write_text("---\n- a list\n---\nbody\n")
@@ -267,6 +271,7 @@ def test_bad_input_exits_1_with_one_line(lrs, adapter_dir, llama, tmp_path):
         "invalid repo id 'bad name'": (adapter_dir, "bad name"),
         "metrics.jsonl:2: not valid JSON": (bad_metrics, "me/x"),
         "README.md: invalid YAML metadata": (bad_yaml, "me/x"),
+        "bad-subspace/subspace.json: not valid JSON": (bad_subspace, "me/x"),
     }
     for expected, (path, repo) in cases.items():
         res = lrs("push", path, repo, "--dry-run")

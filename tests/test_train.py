@@ -221,15 +221,22 @@ def test_cli_trains_and_reports(lrs, setup, tmp_path):
     assert res.code == 0 and "step 0: eval loss" in res.stdout and "step 2: loss" in res.stdout, res.stdout
 
 
-def test_cli_bad_input_is_one_line(lrs, setup, chat_models, tmp_path):
+def test_cli_bad_input_is_one_line(lrs, setup, chat_models, tiny_models, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"\n')
+    (tmp_path / "binary.jsonl").write_bytes(b'{"text": "a"}\n\xff\xfe garbage\n')
     (tmp_path / "exists").mkdir()
     common = ["--steps", "1", "--batch-size", "2", "--seq-len", "16"]
     cases = [
         ([setup["adapter"], "--base", setup["base"], "--data", tmp_path / "broken.jsonl"], "broken.jsonl:2: malformed JSON"),
         ([setup["adapter"], "--base", setup["base"], "--data", tmp_path / "empty.jsonl"], "empty data file"),
         ([setup["adapter"], "--base", chat_models["gpt2"], "--data", setup["data"]], "adapter does not fit"),
+        ([setup["adapter"], "--base", setup["base"], "--data", tmp_path / "binary.jsonl"], "binary.jsonl:2: not UTF-8"),
+        ([setup["adapter"], "--base", tiny_models["qwen2"], "--data", setup["data"]], "no usable tokenizer"),
+        ([setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--lr", "nan"], "--lr must be positive"),
+        ([setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--max-grad-norm", "-1"],
+         "--max-grad-norm must be positive"),
+        ([setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--warmup", "-1"], "--warmup must be at least 0"),
     ]
     for i, (args, message) in enumerate(cases):
         res = lrs("train", *args, "--out", tmp_path / f"o{i}", *common)

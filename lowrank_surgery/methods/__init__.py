@@ -32,5 +32,8 @@ def method_from_json(data: dict[str, Any]) -> Method:
     if not candidates:
         known = sorted({t for cls in METHODS.values() for t in cls.peft_types()})
         raise LrsError(f"adapter peft_type {data.get('peft_type')!r} is not supported (known: {', '.join(known)})")
+    if declared is not None and declared not in [c.name for c in candidates]:
+        raise LrsError(f"adapter declares lrs method {declared!r}, which peft_type {peft_type} does not support "
+                       f"(it can be: {', '.join(c.name for c in candidates)})")
     cls = next((c for c in candidates if c.name == declared), candidates[0])
     return cls(cls.config_from_json(data))
