@@ -48,7 +48,7 @@ def init(
     mini_r: int = typer.Option(None, "--mini-r", help="fossil mini: block width along the output.", rich_help_panel=METHOD_HELP),
 ) -> None:
     """Initialise a LoRA, CoRA, PiSSA, CoLA or FOSSIL adapter for a base checkpoint."""
-    check_output(out, force)
+    check_output(out, force, inputs=(base, subspace))
     given = {"subspace": str(subspace) if subspace else None, "cora_mode": cora_mode, "a_init": a_init,
              "init_svd": init_svd, "niter": niter, "num_a": num_a, "num_b": num_b, "strategy": strategy,
              "variant": variant, "mini_r": mini_r}

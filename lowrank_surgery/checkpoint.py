@@ -18,7 +18,7 @@ import signal
 import struct
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -440,8 +440,14 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------- atomic output
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Refuse an existing OUT unless --force, before any work is done."""
+def check_output(out: Path, force: bool, inputs: Iterable[object] = ()) -> None:
+    """Refuse an existing OUT unless --force, and an OUT that is or holds one of the command's local `inputs`
+    (replacing it would delete what is being read), before any work is done."""
+    for source in inputs:
+        if isinstance(source, (str, os.PathLike)) and Path(source).exists():  # not a Hub id, not an object
+            here, there = Path(out).resolve(), Path(source).resolve()
+            if here == there or here in there.parents:
+                raise LrsError(f"{out} would replace the input {source}; write the output elsewhere")
     if out.exists() and not force:
         raise LrsError(f"{out} already exists; pass --force to overwrite it")
     parent = next((p for p in out.parents if p.exists()), None)

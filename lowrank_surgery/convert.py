@@ -403,7 +403,7 @@ def convert(adapter_path: str | os.PathLike, out: str | os.PathLike, to: str, ba
     if rank is not None and rank < 1:
         raise LrsError(f"--rank must be at least 1, got {rank}")
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, inputs=(adapter_path, base))
     ckpt = Checkpoint(base) if base is not None else None
     adapter, fmt, warnings = read_adapter(adapter_path, ckpt)
     report: dict[str, Any] = {"source": str(adapter_path), "from": fmt, "method": adapter.config.method,

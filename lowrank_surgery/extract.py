@@ -30,7 +30,7 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
                  force: bool = False) -> dict[str, Any]:
     """Write a PEFT LoRA approximating FINETUNED − BASE at rank r; returns a report with per-module energy."""
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, inputs=(finetuned, base))
     if rank < 1:
         raise LrsError(f"--rank must be at least 1, got {rank}")
     start = time.perf_counter()

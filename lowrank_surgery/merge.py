@@ -96,7 +96,7 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
          revision: str | None, allow_pickle: bool) -> MergeReport:
     start = time.perf_counter()
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, inputs=(adapter, base))
     out_dtype = _parse_dtype(dtype)
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     dev = _device(device)

@@ -68,7 +68,7 @@ def extract_subspace(models: Sequence[str | os.PathLike], out: str | os.PathLike
     """Write OUT/subspace.safetensors (`<name>.basis`, `<name>.singular_values`) and subspace.json; return the latter."""
     _check_options(models, rank, scope, algorithm, niter)
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, inputs=models)
     dev = resolve_device(device)
     ckpts = [Checkpoint(m, revision) for m in models]
     chosen = _common_targets(ckpts, targets)

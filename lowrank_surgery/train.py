@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +76,7 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
     examples whatever the number of processes. on_log receives every metrics record (rank 0 only).
     """
     out = Path(out)
-    _check_args(out, resume, force, steps, epochs,
+    _check_args(out, resume, force, steps, epochs, inputs=(adapter, base, data, eval_data),
                 positive={"--steps": steps, "--epochs": epochs, "--lr": lr, "--batch-size": batch_size,
                           "--grad-accum": grad_accum, "--save-every": save_every, "--eval-every": eval_every,
                           "--max-grad-norm": max_grad_norm},
@@ -161,12 +161,12 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
     return summarize(out, records, train_set, eval_set, start, total, trainable, ctx, time.perf_counter() - began)
 
 
-def _check_args(out: Path, resume: bool, force: bool, steps, epochs, positive: dict[str, float | None],
-                non_negative: dict[str, float | None]) -> None:
+def _check_args(out: Path, resume: bool, force: bool, steps, epochs, inputs: Sequence[object],
+                positive: dict[str, float | None], non_negative: dict[str, float | None]) -> None:
     if resume and not (out / STATE_DIR / "state.json").is_file():
         raise LrsError(f"--resume: {out} holds no training checkpoint ({STATE_DIR}/state.json)")
     if not resume:
-        check_output(out, force)
+        check_output(out, force, inputs)
     if steps is not None and epochs is not None:
         raise LrsError("give --steps or --epochs, not both")
     for name, value in positive.items():

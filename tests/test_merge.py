@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,12 +260,13 @@ def _bad_cases(tiny_models, tmp_path) -> dict[str, list]:
         data = f.read_bytes()
         (corrupt / f.name).write_bytes(data[:-64] if f.name.endswith("00002-of-00003.safetensors") else data)
     exists = tmp_path / "exists"
-    exists.mkdir()
+    shutil.copytree(llama, exists / "base")  # also an OUT that holds an input
     return {
         "it has module transformer.h.0.attn.c_attn, which": [tmp_path / "gpt2-adapter", llama, "OUT"],
         "model.layers.1.self_attn.q_proj.lora_A.weight has shape [4, 32]": [_wrong_shape(llama, tmp_path), llama, "OUT"],
         "truncated": [tmp_path / "good", corrupt, "OUT"],
         "already exists; pass --force": [tmp_path / "good", llama, exists],
+        "would replace the input": [tmp_path / "good", exists / "base", exists, "--force"],
         "NaN or Inf in model.layers.0.self_attn.q_proj.weight": [tmp_path / "infinite", llama, "OUT"],
         "adapter_config.json: malformed field (invalid literal for int()": [
             _edited_config(tmp_path / "good", tmp_path / "r-text", lambda c: c.update(r="four")), llama, "OUT"],
