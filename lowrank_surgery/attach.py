@@ -7,6 +7,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .errors import LrsError
+from .initialize import linear_float32
 from .methods import Method
 from .targets import Target
 
@@ -59,7 +60,7 @@ def attach(model: nn.Module, adapter: Adapter) -> nn.Module:
         p.requires_grad_(False)
     located = {path: _find_module(model, path) for path in adapter.weights}
     targets = {path: module_target(path, module) for path, (_, _, module) in located.items()}
-    method.complete(adapter.weights, lambda path: _linear_weight(located[path][2], targets[path]))
+    method.complete(adapter.weights, lambda path: linear_float32(located[path][2].weight.detach(), targets[path]))
     for path, params in adapter.weights.items():
         parent, child_name, module = located[path]
         target = targets[path]
@@ -77,11 +78,6 @@ def module_target(path: str, module: nn.Module) -> Target:
     if type(module).__name__ == "Conv1D" and module.weight.dim() == 2:
         return Target(path, module.weight.shape[1], module.weight.shape[0], conv1d=True)
     raise LrsError(f"adapter targets {path}, which is a {type(module).__name__}, not a linear layer")
-
-
-def _linear_weight(module: nn.Module, target: Target) -> torch.Tensor:
-    w = module.weight.detach().float()
-    return w.T if target.conv1d else w
 
 
 def _find_module(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:

@@ -25,14 +25,15 @@ from typing import Any
 import torch
 
 from .adapter import Adapter, load_adapter
+from .architecture import untied_copies
 from .checkpoint import (
     Checkpoint, PlannedTensor, SafetensorsWriter, atomic_output, check_output, parse_size, plan_shards,
     shard_names, write_index,
 )
 from .errors import LrsError
+from .initialize import linear_float32
 from .methods.base import Method, Params
 from .progress import progress
-from .architecture import untied_copies
 from .targets import Target, find_targets, is_output_layer
 
 WORKERS = min(4, os.cpu_count() or 1)  # tensors produced concurrently (each with one torch thread on the CPU)
@@ -140,17 +141,11 @@ def plan_jobs(ckpt: Checkpoint, adapter: Adapter, method: Method, from_base: boo
     if missing and not from_base:
         raise LrsError(f"adapter lacks {missing[0]}, which is recomputed from the original base: "
                        "unmerge needs an adapter that holds all its parameters")
-    method.complete(adapter.weights, lambda path: _linear_weight(ckpt, jobs[path]))
+    method.complete(adapter.weights, lambda path: linear_float32(ckpt.get(jobs[path].source), jobs[path].target))
     for job in jobs.values():
         method.validate(job.target)
         method.check_fits(job.target, job.params)
     return {job.output: job for job in jobs.values()}
-
-
-def _linear_weight(ckpt: Checkpoint, job: Job) -> torch.Tensor:
-    """A job's W in nn.Linear layout, float32."""
-    w = ckpt.get(job.source).float()
-    return w.T.contiguous() if job.target.conv1d else w
 
 
 def _job(ckpt: Checkpoint, linear: dict[str, Target], path: str, params: Params) -> Job:

@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 
 A0, B0 = "pissa_A0.weight", "pissa_B0.weight"
 SVD_ALGORITHMS = ("exact", "randomized", "gram")  # gram: exact, through the float64 Gram matrix
-# The default is PEFT's own route (float32 torch.linalg.svd, as the original CoLA code too), which gives PEFT's
-# `pissa` factors bit for bit (bench_init). `gram` is twice as fast and ~100x closer to a float64 SVD (bench_init), but on real
-# weights, whose top singular values are close, it differs from those float32 factors by their rounding (~5e-5).
+# The default is PEFT's own route (float32 torch.linalg.svd, as in the original CoLA code): PEFT's `pissa`
+# factors bit for bit. `gram` is twice as fast and ~100x closer to a float64 SVD (bench_init), but on real
+# weights, whose top singular values are close, it differs from those float32 factors by ~5e-5.
 DEFAULT_SVD = "exact"
 DEFAULT_NITER = 4
 
