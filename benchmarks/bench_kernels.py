@@ -1,13 +1,17 @@
 """Forward+backward time and peak memory of the lrs kernels against PEFT's LoRA and MiSS layers. Needs a CUDA GPU.
 
-Usage: python benchmarks/bench_kernels.py [--tokens 2048 4096 8192 16384] [--ranks 8 16 64] [--dropout 0.0]
-Without CUDA it prints that nothing was measured and exits 0.
+Usage: python benchmarks/bench_kernels.py [--tokens 2048 4096 8192 16384] [--ranks 8 16 64] [--dropout 0.0 0.1]
+        [--json rows.json]
+Each lrs row runs what LRS_KERNELS=auto runs on CUDA (bat: torch, see kernels/__init__.py); `--kernels triton`
+forces the Triton kernels everywhere. Without CUDA it says so on stderr and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -24,9 +28,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--methods", nargs="+", default=["lora", "miss", "bat"], choices=["lora", "miss", "bat"])
-    parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (not applied by PEFT's bat)")
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1],
+                        help="adapter dropout (not applied by PEFT's bat)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--kernels", choices=["auto", "triton"], default="auto", help="LRS_KERNELS for the lrs rows")
+    parser.add_argument("--json", default=None, help="also write the rows here")
     return parser.parse_args()
 
 
@@ -106,32 +113,56 @@ def layers(method: str, inp: int, out: int, r: int, dropout: float, dtype: torch
 
 
 def main() -> int:
-    """Print one row per (method, shape, r, tokens) and the geometric-mean speedup per method."""
+    """Print one row per (method, dropout, shape, r, tokens) and the geometric-mean speedup per method."""
     args = parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (Triton kernels vs PEFT layers in bf16); nothing measured", file=sys.stderr)
         return 1
+    os.environ["LRS_KERNELS"] = args.kernels
     dtype = getattr(torch, args.dtype)
-    print(f"# {torch.cuda.get_device_name()}, {args.dtype}, dropout {args.dropout}, fwd+bwd, median of {args.reps}")
-    print(f"{'method':6} {'in':>6} {'out':>6} {'r':>3} {'tokens':>6} | {'peft ms':>8} {'lrs ms':>8} {'speedup':>7} | "
-          f"{'peft MiB':>9} {'lrs MiB':>9} {'mem ratio':>9}")
-    speedups: dict[str, list[float]] = {m: [] for m in args.methods}
+    print(f"# {torch.cuda.get_device_name()}, {args.dtype}, LRS_KERNELS={args.kernels}, fwd+bwd, median of {args.reps}")
+    print(f"{'method':6} {'p':>4} {'in':>6} {'out':>6} {'r':>3} {'tokens':>6} | {'peft ms':>8} {'lrs ms':>8} "
+          f"{'speedup':>7} | {'peft MiB':>9} {'lrs MiB':>9} {'mem ratio':>9}")
+    rows = []
     for method in args.methods:
-        for inp, out in SHAPES:
-            for r in args.ranks:
-                peft, ours, params = layers(method, inp, out, r, args.dropout, dtype)
-                for tokens in args.tokens:
-                    x = torch.randn(tokens, inp, device="cuda", dtype=dtype, requires_grad=True)
-                    t_peft, m_peft = measure(peft, x, params, args.reps)
-                    t_ours, m_ours = measure(ours, x, params, args.reps)
-                    speedups[method].append(t_peft / t_ours)
-                    print(f"{method:6} {inp:6} {out:6} {r:3} {tokens:6} | {t_peft:8.3f} {t_ours:8.3f} "
-                          f"{t_peft / t_ours:6.2f}x | {m_peft:9.0f} {m_ours:9.0f} {m_ours / m_peft:9.2f}")
-                del peft, ours, params
-                torch.cuda.empty_cache()
-    for method, values in speedups.items():
-        print(f"# {method}: geometric-mean speedup over PEFT {math.exp(sum(map(math.log, values)) / len(values)):.2f}x")
+        for p in args.dropout:
+            for inp, out in SHAPES:
+                for r in args.ranks:
+                    rows += measure_layer(method, p, inp, out, r, dtype, args)
+    speedups: dict[str, list[float]] = {}
+    for row in rows:
+        speedups.setdefault(f"{row['method']} p={row['dropout']}", []).append(row["peft_ms"] / row["lrs_ms"])
+    for name, values in speedups.items():
+        print(f"# {name}: geometric-mean speedup over PEFT {math.exp(sum(map(math.log, values)) / len(values)):.2f}x "
+              f"(min {min(values):.2f}x, max {max(values):.2f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "dtype": args.dtype, "kernels": args.kernels,
+                       "reps": args.reps, "rows": rows}, f, indent=1)
     return 0
+
+
+def measure_layer(method: str, p: float, inp: int, out: int, r: int, dtype: torch.dtype,
+                  args: argparse.Namespace) -> list[dict]:
+    """PEFT and lrs side by side on one layer, for each token count."""
+    peft, ours, params = layers(method, inp, out, r, p, dtype)
+    rows = []
+    for tokens in args.tokens:
+        x = torch.randn(tokens, inp, device="cuda", dtype=dtype, requires_grad=True)
+        with torch.no_grad():  # the same numbers as PEFT where no dropout makes them random
+            want = peft.eval()(x).float() if p == 0 or method == "bat" else None
+            err = None if want is None else ((ours(x).float() - want).abs().max() / want.abs().max()).item()
+            peft.train()
+        t_peft, m_peft = measure(peft, x, params, args.reps)
+        t_ours, m_ours = measure(ours, x, params, args.reps)
+        rows.append({"method": method, "dropout": p, "in": inp, "out": out, "r": r, "tokens": tokens,
+                     "peft_ms": t_peft, "lrs_ms": t_ours, "peft_mib": m_peft, "lrs_mib": m_ours, "max_rel_err": err})
+        print(f"{method:6} {p:4} {inp:6} {out:6} {r:3} {tokens:6} | {t_peft:8.3f} {t_ours:8.3f} "
+              f"{t_peft / t_ours:6.2f}x | {m_peft:9.0f} {m_ours:9.0f} {m_ours / max(m_peft, 1e-9):9.2f}"
+              + ("" if err is None else f"  err {err:.1e}"), flush=True)
+    del peft, ours, params
+    torch.cuda.empty_cache()
+    return rows
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def init(
     dropout: float = typer.Option(0.0, "--dropout", help="Dropout on the adapter input during training."),
     rslora: bool = typer.Option(False, "--rslora", help="Scale by α/√r instead of α/r."),
     seed: int = typer.Option(0, "--seed", help="Seed for random initialisation."),
+    device: str = typer.Option("auto", "--device", help="Where the SVDs of pissa and cola run: auto (CUDA when present), cpu or cuda."),
     revision: str = typer.Option(None, "--revision", help="Hub revision of --base."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     subspace: Path = typer.Option(None, "--subspace", help="cora: subspace directory from extract-subspace.", rich_help_panel=METHOD_HELP),
@@ -53,7 +54,8 @@ def init(
              "init_svd": init_svd, "niter": niter, "num_a": num_a, "num_b": num_b, "strategy": strategy,
              "variant": variant, "mini_r": mini_r}
     adapter = init_adapter(method.value, base, r=rank, alpha=alpha, targets=targets, dropout=dropout, rslora=rslora,
-                           seed=seed, revision=revision, options={k: v for k, v in given.items() if v is not None})
+                           seed=seed, revision=revision, options={k: v for k, v in given.items() if v is not None},
+                           device=device)
     save_adapter(adapter, out, force=force)
     say(f"wrote {method.value} adapter to {out}: {len(adapter.weights)} modules, "
         f"{adapter.num_parameters(trainable_only=True):,} trainable parameters")

@@ -2,6 +2,31 @@
 
 Weights come in nn.Linear layout (out, in), any strides; base weight and bias are treated as frozen.
 Everything is computed in x's dtype (autocast's when autocast is on) and returned in it.
+
+Why these kernels can beat PEFT, per layer, at Llama-7B shapes (bf16, T = 8192 tokens, in = out = 4096,
+r = 16; one T×4096 bf16 activation is 64 MiB, and at ~4 TB/s a pass over it (read or write) costs ~16 µs;
+the frozen base GEMMs x·Wᵀ and g·W, 2·T·in·out = 275 GFLOP each, ~0.35 ms each at ~790 TFLOP/s, are
+cuBLAS on both sides and set the floor of ~0.7 ms per layer, forward + backward):
+
+- lowrank (LoRA, CoRA, PiSSA, CoLA): PEFT's forward materialises drop(x) (T×in written and read, plus a
+  saved mask), lora_B's output, its scaled copy and the sum with the base output: about 8 activation passes
+  beyond the GEMMs (~130 µs) and 3 kernel launches more. Ours draws the dropout inside the shrink kernel
+  (x read once, no mask stored: Philox redraws it in backward) and adds s·h·Bᵀ into the base output in place:
+  2 passes (~30 µs). Backward: PEFT multiplies by the mask and adds the two dx terms (T×in temporaries: ~6
+  passes, ~100 µs); ours accumulates s·(g·B)·A with the mask redrawn into cuBLAS's g·W in place (2 passes).
+  Expected: ~0.23 ms of ~0.95 ms saved at p > 0 (1.3x), ~0.1 ms at p = 0 (PEFT then skips dropout: ~1.1x).
+  Peak memory: no dropout copy of x and no saved mask (T×in bf16 + bool = 96 MiB per layer at p > 0).
+- fold (FOSSIL/MiSS balance, mini): PEFT pads x to a multiple of r (a T×in copy), sums the groups, and adds
+  fold(x)·D as a new T×out tensor; ours folds while reading x once and accumulates in place: ~4 passes saved
+  forward and 3 backward (~110 µs of ~0.8 ms, ~1.15x).
+- bat (FOSSIL/MiSS bat): W' = W(I + D) + D is needed whole by the backward (dD needs gᵀ·x, a full
+  out×in GEMM, on both sides), and the forward kernel rebuilds W' tiles per row block with r×r products
+  (r = 16 is too narrow for tensor cores to run near peak), where PEFT builds W' once (a 32 MiB write)
+  and calls cuBLAS. The arithmetic says the kernel cannot win, so `auto` uses torch for bat;
+  LRS_KERNELS=triton still runs it.
+
+The matmul behind lowrank and fold autotunes its block sizes on the first call per shape class (see
+matmul.py); a kernel that fails to build or launch falls back to torch (fallback.py).
 """
 
 from __future__ import annotations
@@ -14,6 +39,7 @@ from torch import Tensor
 
 from lowrank_surgery.errors import LrsError
 
+from . import fallback
 from .reference import (bat_linear_reference, fold_linear_reference, lowrank_linear_reference,
                         torch_dropout_mask)
 
@@ -21,6 +47,7 @@ __all__ = ["backend", "lowrank_linear", "fold_linear", "bat_linear", "lowrank_li
            "fold_linear_reference", "bat_linear_reference", "torch_dropout_mask", "triton_dropout_mask"]
 
 _CHOICES = ("auto", "triton", "torch")
+AUTO_TRITON = ("lowrank", "fold")  # what `auto` runs through Triton on CUDA (see the module docstring for bat)
 
 
 @functools.cache
@@ -33,15 +60,16 @@ def _triton_importable() -> bool:
     return True
 
 
-def backend(device: torch.device) -> str:
-    """'triton' or 'torch' for tensors on `device`, as LRS_KERNELS asks (auto: triton on CUDA)."""
+def backend(device: torch.device, kernel: str = "lowrank") -> str:
+    """'triton' or 'torch' for `kernel` on `device`, as LRS_KERNELS asks (auto: AUTO_TRITON on CUDA)."""
     choice = os.environ.get("LRS_KERNELS", "auto").strip().lower() or "auto"
     if choice not in _CHOICES:
         raise LrsError(f"LRS_KERNELS={choice!r}: expected one of {', '.join(_CHOICES)}")
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        return "triton" if device.type == "cuda" and _triton_importable() else "torch"
+        wanted = device.type == "cuda" and kernel in AUTO_TRITON and (kernel, device.type) not in _BROKEN
+        return "triton" if wanted and _triton_importable() else "torch"
     if not _triton_importable():
         raise LrsError("LRS_KERNELS=triton but triton cannot be imported; install triton or use LRS_KERNELS=torch")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -75,10 +103,18 @@ def _prepare(x: Tensor, weight: Tensor, bias: Tensor | None, *params: Tensor) ->
     return tuple(None if t is None else t.to(dtype) for t in (x, weight, bias, *params))
 
 
-def _apply(function: type[torch.autograd.Function], x: Tensor, *args) -> Tensor:
-    """Run a kernel Function with autocast off: its inputs are already in the compute dtype."""
-    with torch.autocast(x.device.type, enabled=False):
-        return function.apply(x, *args)
+_BROKEN: set[tuple[str, str]] = set()  # (kernel, device type) whose Triton path failed: torch from now on
+
+
+def _apply(kernel: str, function: type[torch.autograd.Function], x: Tensor, *args) -> Tensor | None:
+    """Run a kernel Function with autocast off (its inputs are already in the compute dtype); None if it failed."""
+    try:
+        with torch.autocast(x.device.type, enabled=False):
+            return function.apply(x, *args)
+    except Exception as error:  # noqa: BLE001: any failure to build or launch falls back, unless strict
+        fallback.failed(kernel, error)
+        _BROKEN.add((kernel, x.device.type))
+        return None
 
 
 def _mask(x: Tensor, dropout: float, seed: int) -> Tensor | None:
@@ -91,11 +127,13 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B:
     """y = x Wᵀ + b + scale·(drop(x) Aᵀ) Bᵀ with A (R, in), B (out, R); dropout only on the adapter branch."""
     seed = _seed(dropout, seed)
     x, weight, bias, A, B = _prepare(x, weight, bias, A, B)
-    if backend(x.device) == "torch":
-        return lowrank_linear_reference(x, weight, bias, A, B, scale, _mask(x, dropout, seed))
-    from .lowrank import LowRankLinear
+    if backend(x.device, "lowrank") == "triton":
+        from .lowrank import LowRankLinear
 
-    return _apply(LowRankLinear, x, weight, bias, A, B, float(scale), float(dropout), seed)
+        y = _apply("lowrank", LowRankLinear, x, weight, bias, A, B, float(scale), float(dropout), seed)
+        if y is not None:
+            return y
+    return lowrank_linear_reference(x, weight, bias, A, B, scale, _mask(x, dropout, seed))
 
 
 def _check_fold(weight: Tensor, D: Tensor, r: int, mini_r: int | None) -> None:
@@ -112,11 +150,13 @@ def fold_linear(x: Tensor, weight: Tensor, bias: Tensor | None, D: Tensor, r: in
     _check_fold(weight, D, r, mini_r)
     seed = _seed(dropout, seed)
     x, weight, bias, D = _prepare(x, weight, bias, D)
-    if backend(x.device) == "torch":
-        return fold_linear_reference(x, weight, bias, D, r, mini_r, _mask(x, dropout, seed))
-    from .fold import FoldLinear
+    if backend(x.device, "fold") == "triton":
+        from .fold import FoldLinear
 
-    return _apply(FoldLinear, x, weight, bias, D, r, mini_r, float(dropout), seed)
+        y = _apply("fold", FoldLinear, x, weight, bias, D, r, mini_r, float(dropout), seed)
+        if y is not None:
+            return y
+    return fold_linear_reference(x, weight, bias, D, r, mini_r, _mask(x, dropout, seed))
 
 
 def bat_linear(x: Tensor, weight: Tensor, bias: Tensor | None, D: Tensor) -> Tensor:
@@ -126,8 +166,10 @@ def bat_linear(x: Tensor, weight: Tensor, bias: Tensor | None, D: Tensor) -> Ten
     if tuple(D.shape) != (out // r, r, r) or out % r or inp % r:
         raise ValueError(f"bat D of shape {tuple(D.shape)} does not tile a weight of shape {(out, inp)}")
     x, weight, bias, D = _prepare(x, weight, bias, D)
-    if backend(x.device) == "torch":
-        return bat_linear_reference(x, weight, bias, D)
-    from .bat import BatLinear
+    if backend(x.device, "bat") == "triton":
+        from .bat import MAX_R, BatLinear
 
-    return _apply(BatLinear, x, weight, bias, D)
+        y = _apply("bat", BatLinear, x, weight, bias, D) if r <= MAX_R else None
+        if y is not None:
+            return y
+    return bat_linear_reference(x, weight, bias, D)

@@ -7,8 +7,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .matmul import dot_precision
+from .matmul import dot_precision, launch
 from .reference import bat_weight
+
+MAX_R = 64  # a block of r×r weights and one of D sit in registers/shared memory: larger r takes the torch path
 
 
 @triton.jit
@@ -45,10 +47,9 @@ def bat_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, D: Tensor) -> T
     if M == 0:
         return y
     BM = 64
-    _bat_kernel[(triton.cdiv(M, BM), N // r)](
-        x2, weight, D, bias if bias is not None else D, y, M, K, r,
-        *x2.stride(), *weight.stride(), *D.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(x2.dtype), BM=BM, RP=max(16, triton.next_power_of_2(r)))
+    launch(_bat_kernel, (triton.cdiv(M, BM), N // r), x2, weight, D, bias if bias is not None else D, y, M, K, r,
+           *x2.stride(), *weight.stride(), *D.stride(), *y.stride(),
+           HAS_BIAS=bias is not None, PRECISION=dot_precision(x2.dtype), BM=BM, RP=max(16, triton.next_power_of_2(r)))
     return y
 
 

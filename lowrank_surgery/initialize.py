@@ -14,13 +14,18 @@ from .checkpoint import Checkpoint
 from .errors import LrsError
 from .methods import METHODS, get_method
 from .progress import progress
+from .svd import default_device
 from .targets import Target, compact_names, select_targets
 
 
 def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 8, alpha: float | None = None,
                  targets: str | Sequence[str] | None = None, dropout: float = 0.0, rslora: bool = False,
-                 seed: int = 0, revision: str | None = None, options: dict[str, Any] | None = None) -> Adapter:
-    """Initialise a `method` adapter (lora, cora, pissa, cola, fossil) for the linear modules of `base`."""
+                 seed: int = 0, revision: str | None = None, options: dict[str, Any] | None = None,
+                 device: str = "auto") -> Adapter:
+    """Initialise a `method` adapter (lora, cora, pissa, cola, fossil) for the linear modules of `base`.
+
+    `device` is where the SVDs of PiSSA and CoLA run (auto: CUDA when present); the adapter is on the CPU.
+    """
     if method not in METHODS:
         raise LrsError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
     if r < 1:
@@ -49,9 +54,10 @@ def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 
         impl.validate(t)
     generator = torch.Generator().manual_seed(seed)
     weights: dict[str, dict[str, torch.Tensor]] = {}
-    for batch, mats in _batches(ckpt, chosen, impl.needs_base_weight):
-        for t, params in zip(batch, impl.init(batch, mats, generator)):
-            weights[t.path] = params
+    with default_device(device):
+        for batch, mats in _batches(ckpt, chosen, impl.needs_base_weight):
+            for t, params in zip(batch, impl.init(batch, mats, generator)):
+                weights[t.path] = params
     return Adapter(impl.config, weights)
 
 

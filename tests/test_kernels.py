@@ -290,3 +290,121 @@ def test_half_precision_on_gpu(dtype):
     Db = 0.1 * rand(12, 16, 16)
     assert_rel(kernels.bat_linear(x, *half, Db.to(dtype)),
                kernels.bat_linear_reference(x.float(), weight, bias, Db), 2e-2)
+
+
+# ------------------------------------------------------------------ a kernel that fails on the user's GPU
+
+
+class Broken:
+    """Stands in for a Triton kernel that cannot be built or launched on this GPU."""
+
+    arg_names: list = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("out of resources: shared memory, required: 300000\nsecond line")
+        return launch
+
+
+@pytest.fixture
+def auto_with_triton(monkeypatch):
+    """LRS_KERNELS=auto as on a CUDA machine: Triton first, torch when it fails; fresh failure records."""
+    from lowrank_surgery.kernels import fallback, matmul
+
+    monkeypatch.setattr(fallback, "strict", lambda: False)
+    monkeypatch.setattr(fallback, "_WARNED", set())
+    monkeypatch.setattr(matmul, "_FAILED", set())
+    monkeypatch.setattr(kernels, "_BROKEN", set())
+    return matmul
+
+
+def test_failed_matmul_falls_back_to_torch_with_the_kernels_dropout(auto_with_triton, monkeypatch):
+    monkeypatch.setattr(auto_with_triton, "_mm_kernel", Broken())
+    x, A, B = rand(3, 7, 40, grad=True), rand(5, 40, grad=True), rand(24, 5, grad=True)
+    weight, bias = base(24, 40, bias=True, conv1d=False)
+    with pytest.warns(RuntimeWarning, match=r"Triton matmul kernel failed \(RuntimeError: out of resources.*"
+                                            r"LRS_KERNELS=torch") as caught:
+        y = kernels.lowrank_linear(x, weight, bias, A, B, 0.5, 0.3, seed=4)
+        check_grads(y, kernels.lowrank_linear_reference(x, weight, bias, A, B, 0.5, mask_for(x, 0.3, 4)), [x, A, B])
+        y2 = kernels.fold_linear(x, weight, bias, rand(6, 24), 6, None, 0.3, seed=4)
+    assert len(caught) == 1 and "second line" not in str(caught[0].message)
+    assert y2.shape == y.shape
+
+
+def test_failed_kernel_family_falls_back_to_the_reference(auto_with_triton, monkeypatch):
+    monkeypatch.setattr(auto_with_triton, "_mm_kernel", Broken())
+    monkeypatch.setattr(auto_with_triton, "_mask_kernel", Broken())  # not even the mask can be drawn
+    x, A, B = rand(9, 40, grad=True), rand(5, 40, grad=True), rand(24, 5, grad=True)
+    weight, bias = base(24, 40, bias=False, conv1d=True)
+    with pytest.warns(RuntimeWarning, match="Triton lowrank kernel failed"):
+        y = kernels.lowrank_linear(x, weight, bias, A, B, 0.5, 0.3, seed=4)
+    assert ("lowrank", DEVICE.type) in kernels._BROKEN
+    expected = kernels.lowrank_linear_reference(x, weight, bias, A, B, 0.5, kernels.torch_dropout_mask(x.shape, 0.3, 4, x.device))
+    check_grads(y, expected, [x, A, B])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the next call goes straight to torch, quietly
+        assert torch.equal(kernels.lowrank_linear(x, weight, bias, A, B, 0.5, 0.3, seed=4), y)
+
+
+def test_failed_bat_kernel_falls_back(auto_with_triton, monkeypatch):
+    from lowrank_surgery.kernels import bat
+
+    monkeypatch.setattr(bat, "_bat_kernel", Broken())
+    x, D = rand(2, 5, 32, grad=True), (0.1 * rand(3, 16, 16)).requires_grad_()
+    weight, bias = base(48, 32, bias=True, conv1d=False)
+    with pytest.warns(RuntimeWarning, match="Triton bat kernel failed"):
+        y = kernels.bat_linear(x, weight, bias, D)
+    check_grads(y, kernels.bat_linear_reference(x, weight, bias, D), [x, D])
+
+
+def test_explicit_triton_raises_instead_of_falling_back(monkeypatch):
+    from lowrank_surgery.kernels import matmul
+
+    monkeypatch.setattr(matmul, "_mm_kernel", Broken())
+    monkeypatch.setattr(matmul, "_FAILED", set())
+    x, A, B = rand(4, 8), rand(2, 8), rand(6, 2)
+    with pytest.raises(RuntimeError, match="out of resources"):
+        kernels.lowrank_linear(x, rand(6, 8), None, A, B, 1.0)
+
+
+def test_auto_runs_bat_on_torch_even_on_cuda(monkeypatch):
+    monkeypatch.setenv("LRS_KERNELS", "auto")
+    cuda = torch.device("cuda")
+    assert [kernels.backend(cuda, k) for k in ("lowrank", "fold", "bat")] == ["triton", "triton", "torch"]
+
+
+# ------------------------------------------------------------------ half precision on the torch path (CPU)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+def test_half_precision_torch_path_matches_float32(monkeypatch, dtype, tol):
+    """bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ≈ 2e-3 per operation), fp16 11 bits (2^-12 ≈ 2.4e-4);
+    the tolerances allow the error of sums over a few hundred terms relative to the output's largest entry."""
+    monkeypatch.setenv("LRS_KERNELS", "torch")
+    x, A, B, D = (torch.randn(*s) for s in ((2, 30, 256), (16, 256), (192, 16), (3, 192)))
+    Db = 0.1 * torch.randn(12, 16, 16)
+    weight, bias = torch.randn(192, 256) / 16, torch.randn(192)
+    mask = kernels.torch_dropout_mask(x.shape, 0.2, 3, x.device)
+    half = [t.to(dtype).requires_grad_() for t in (x, A, B, D, Db)]
+    hx, hA, hB, hD, hDb = half
+    hw, hb = weight.to(dtype), bias.to(dtype)
+    full = [t.clone().requires_grad_() for t in (x, A, B, D, Db)]
+    fx, fA, fB, fD, fDb = full
+    pairs = [
+        (kernels.lowrank_linear(hx, hw, hb, hA, hB, 0.5, 0.2, seed=3),
+         kernels.lowrank_linear_reference(fx, hw.float(), hb.float(), fA, fB, 0.5, mask)),
+        (kernels.fold_linear(hx, hw, hb, hD, 3, None, 0.2, seed=3),
+         kernels.fold_linear_reference(fx, hw.float(), hb.float(), fD, 3, None, mask)),
+        (kernels.bat_linear(hx, hw, hb, hDb), kernels.bat_linear_reference(fx, hw.float(), hb.float(), fDb)),
+    ]
+    for got, want in pairs:
+        assert got.dtype == dtype
+        assert_rel(got, want, tol)
+        g = torch.randn_like(want)
+        for gh, gf in zip(torch.autograd.grad(got, [t for t in half if t.grad_fn is None], g.to(dtype), allow_unused=True),
+                          torch.autograd.grad(want, full, g, allow_unused=True)):
+            if gh is not None:
+                assert gh.dtype == dtype
+                assert_rel(gh, gf, 2 * tol)
