@@ -28,9 +28,12 @@ from .errors import LrsError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "F8_E8M0": torch.float8_e8m0fnu, "C64": torch.complex64,
 }
+SUB_BYTE_DTYPES = {"F4", "F6_E2M3", "F6_E3M2"}  # valid safetensors, but no torch dtype holds them element by element
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -108,7 +111,7 @@ def _cached_commit(local: str) -> str | None:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: tensors by name, and the metadata."""
+    """Parse and validate a safetensors header as the safetensors library does: tensors by name, and the metadata."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -124,21 +127,55 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise LrsError(f"corrupt safetensors file {path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LrsError(f"corrupt safetensors file {path}: __metadata__ is not a map of strings")
     base = 8 + length
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise LrsError(f"corrupt safetensors file {path}: bad header entry for {name}") from None
-        if not 0 <= start <= end or base + end > size:
-            raise LrsError(f"corrupt safetensors file {path}: tensor {name} lies beyond the end of the file (truncated?)")
-        if end - start != math.prod(shape) * dtype.itemsize:
-            raise LrsError(f"corrupt safetensors file {path}: tensor {name} has {end - start} bytes for shape {list(shape)}")
-        tensors[name] = TensorInfo(name, path, dtype, shape, base + start, base + end)
-    return dict(sorted(tensors.items(), key=lambda item: item[1].start)), metadata
+    tensors = sorted((_header_entry(path, name, entry, base) for name, entry in header.items()),
+                     key=lambda info: (info.start, info.end))
+    _check_coverage(path, tensors, base, size)
+    return {info.name: info for info in tensors}, metadata
+
+
+def _header_entry(path: Path, name: str, entry: object, base: int) -> TensorInfo:
+    """One tensor's header entry, checked: a known dtype, non-negative integer dims, offsets that hold its bytes."""
+    def corrupt(why: str) -> LrsError:
+        return LrsError(f"corrupt safetensors file {path}: tensor {name} {why}")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise corrupt("has no dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype in SUB_BYTE_DTYPES:
+        raise LrsError(f"{path}: tensor {name} has dtype {dtype}, which lrs cannot read (sub-byte floats)")
+    if dtype not in DTYPES:
+        raise corrupt(f"has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise corrupt(f"has shape {shape!r}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise corrupt(f"has data_offsets {offsets!r}, not [start, end] with 0 <= start <= end")
+    start, end = offsets
+    if end - start != math.prod(shape) * DTYPES[dtype].itemsize:
+        raise corrupt(f"has {end - start} bytes for shape {shape} of {dtype}")
+    return TensorInfo(name, path, DTYPES[dtype], tuple(shape), base + start, base + end)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_coverage(path: Path, tensors: Sequence[TensorInfo], base: int, size: int) -> None:
+    """The tensors (sorted by offset) must tile the data section exactly: no gap, no overlap, nothing after."""
+    position = base
+    for info in tensors:
+        if info.start != position:
+            why = "overlaps another tensor" if info.start < position else f"leaves a gap of {info.start - position} bytes"
+            raise LrsError(f"corrupt safetensors file {path}: tensor {info.name} {why}")
+        position = info.end
+    if position > size:
+        raise LrsError(f"corrupt safetensors file {path}: tensor {tensors[-1].name} lies beyond the end of the file "
+                       "(truncated?)")
+    if position < size:
+        raise LrsError(f"corrupt safetensors file {path}: {size - position} bytes after the last tensor")
 
 
 class Checkpoint:
@@ -293,12 +330,12 @@ class SafetensorsWriter:
             f.truncate(start + offset)
 
     def write(self, name: str, data: torch.Tensor | bytes) -> None:
-        """Put a tensor (or its raw bytes) in its place."""
+        """Put a tensor (or its raw bytes) in its place, cast to its planned dtype (refused where that overflows)."""
         expected, offset = self._place(name)
         if isinstance(data, torch.Tensor):
-            if data.dtype != expected.dtype or tuple(data.shape) != expected.shape:
-                raise RuntimeError(f"{name}: planned {expected.dtype}{list(expected.shape)}, got {data.dtype}{list(data.shape)}")
-            data = _tensor_bytes(data)
+            if tuple(data.shape) != expected.shape:
+                raise RuntimeError(f"{name}: planned shape {list(expected.shape)}, got {list(data.shape)}")
+            data = _tensor_bytes(cast(data, expected.dtype, name))
         if len(data) != expected.nbytes:
             raise RuntimeError(f"{name}: planned {expected.nbytes} bytes, got {len(data)}")
         with _open_for_update(self.path) as fd:
@@ -359,6 +396,20 @@ def _copy_chunk(src: int, start: int, dst: int, offset: int, nbytes: int) -> int
     while view:
         view = view[os.pwrite(dst, view, offset + len(data) - len(view)):]
     return len(data)
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """t in `dtype`; LrsError naming the tensor when a finite value would become infinite (float16's range is small)."""
+    if t.dtype == dtype:
+        return t
+    converted = t.to(dtype)
+    if converted.is_floating_point():
+        overflow = torch.isinf(converted) & torch.isfinite(t)
+        if bool(overflow.any()):
+            raise LrsError(f"tensor {name} holds {float(t[overflow].abs().max()):.4g}, beyond the range of "
+                           f"{str(dtype).removeprefix('torch.')} (largest {torch.finfo(dtype).max:.4g}): "
+                           "choose a wider dtype; nothing was written")
+    return converted
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:

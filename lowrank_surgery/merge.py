@@ -281,7 +281,7 @@ def _produce(writer: SafetensorsWriter, ckpt: Checkpoint, t: PlannedTensor, sour
         return
     info = ckpt.info(source)
     if t.dtype != info.dtype:
-        writer.write(t.name, ckpt.get(source).to(t.dtype))
+        writer.write(t.name, ckpt.get(source))  # the writer casts, refusing values out of the new dtype's range
     elif info.shard.suffix == ".safetensors":
         writer.copy(t.name, info.shard, info.start)
     else:

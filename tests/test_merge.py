@@ -261,6 +261,7 @@ def _bad_cases(tiny_models, tmp_path) -> dict[str, list]:
         (corrupt / f.name).write_bytes(data[:-64] if f.name.endswith("00002-of-00003.safetensors") else data)
     exists = tmp_path / "exists"
     shutil.copytree(llama, exists / "base")  # also an OUT that holds an input
+    small, small_adapter = _small_base_and_adapter(tmp_path)
     return {
         "it has module transformer.h.0.attn.c_attn, which": [tmp_path / "gpt2-adapter", llama, "OUT"],
         "model.layers.1.self_attn.q_proj.lora_A.weight has shape [4, 32]": [_wrong_shape(llama, tmp_path), llama, "OUT"],
@@ -274,7 +275,46 @@ def _bad_cases(tiny_models, tmp_path) -> dict[str, list]:
             _edited_config(tmp_path / "good", tmp_path / "bad-method", lambda c: c["lrs"].update(method="foobar")),
             llama, "OUT"],
         "size '0' is less than one byte": [tmp_path / "good", llama, "OUT", "--max-shard-size", "0"],
+        "tensor big.weight holds 1e+05, beyond the range of float16": [small_adapter, small, "OUT", "--dtype", "float16"],
+        "tensor bad has shape [-1, -2], not a list of non-negative integers": [
+            small_adapter, _with_negative_dims(small, tmp_path / "negative.safetensors"), "OUT"],
     }
+
+
+def _small_base_and_adapter(tmp_path: Path) -> tuple[Path, Path]:
+    """A bare safetensors base with a linear weight and an untouched tensor float16 cannot hold, and a LoRA on it."""
+    base = tmp_path / "small.safetensors"
+    save_file({"layer.proj.weight": torch.randn(8, 8), "big.weight": torch.tensor([1.0, -1e5])}, base)
+    config = lrs.AdapterConfig(method="lora", r=2, alpha=2.0, target_modules=["proj"])
+    adapter = lrs.Adapter(config, {"layer.proj": {"lora_A.weight": torch.randn(2, 8), "lora_B.weight": torch.randn(8, 2)}})
+    save_adapter(adapter, tmp_path / "small-adapter")
+    return base, tmp_path / "small-adapter"
+
+
+def _with_negative_dims(base: Path, out: Path) -> Path:
+    """`base` plus a tensor whose shape [-1, -2] has a positive product (the old reader's check passed it)."""
+    import struct
+
+    raw = base.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    data = raw[8 + length:]
+    header["bad"] = {"dtype": "F32", "shape": [-1, -2], "data_offsets": [len(data), len(data) + 8]}
+    blob = json.dumps(header).encode()
+    out.write_bytes(struct.pack("<Q", len(blob)) + blob + data + bytes(8))
+    return out
+
+
+@pytest.mark.parametrize("command", ["merge", "unmerge"])
+def test_cast_that_overflows_is_refused(lrs, tmp_path, command):
+    """--dtype float16 on a base holding an untouched tensor beyond float16's range: one line, no inf written."""
+    base, adapter = _small_base_and_adapter(tmp_path)
+    out = tmp_path / "out"
+    res = lrs(command, adapter, base, out, "--dtype", "float16")
+    _assert_clean_failure(res, "tensor big.weight holds 1e+05, beyond the range of float16", tmp_path, out)
+    assert lrs(command, adapter, base, out, "--dtype", "bfloat16").code == 0
+    written = tensors(out)["big.weight"]
+    assert written.dtype == torch.bfloat16 and torch.isfinite(written).all() and written[1] < -9e4
 
 
 def _assert_clean_failure(res, expected: str, tmp_path: Path, out: Path) -> None:
