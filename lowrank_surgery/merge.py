@@ -342,12 +342,12 @@ def _peak(x: torch.Tensor) -> float:
 
 
 class ErrorBound:
-    """How far an unmerged tensor can be from the original base (entrywise, maximised over touched tensors).
+    """How far an unmerged tensor can be from the original base, entrywise: the largest bound over touched tensors
+    (`absolute`, and the tensor it is in), and the largest relative to its tensor's largest entry (`relative`).
 
-    The merged input was rounded (at most half an ulp of its dtype) and the result is rounded once more.
-    When ΔW does not involve W, unmerge is W' − ΔW and the bound is exact: half an ulp of the largest
-    merged entry plus half an ulp of the largest result entry. When it does (FOSSIL bat), the input rounding
-    is carried through the method's unmerge entrywise, a first-order estimate.
+    The merged input was rounded (at most half an ulp of each of its entries) and the result is rounded once more
+    (at most half an ulp of its largest entry). The method's `unmerge_error` carries the input rounding through
+    unmerge: unchanged for W' − ΔW, amplified by (I + D_b)⁻¹ for FOSSIL bat.
     """
 
     def __init__(self, method: Method):
@@ -357,19 +357,19 @@ class ErrorBound:
 
     def add(self, job: Job, merged: torch.Tensor, merged_dtype: torch.dtype, peak: float, dtype: torch.dtype,
             params: Params) -> None:
-        carried = half_ulp(_peak(merged), merged_dtype)
+        carried = half_ulp(_peak(merged), merged_dtype)  # W' − ΔW moves no entry further than its largest half ulp
         if self.method.needs_base_weight:
             merged = merged.double()
-            ulps = torch.ldexp(torch.full_like(merged, torch.finfo(merged_dtype).eps / 2), torch.frexp(merged)[1] - 1)
-            path = job.target.path
-            carried = float((self.method.unmerge(merged + ulps, params, path).double()
-                             - self.method.unmerge(merged, params, path).double()).abs().max())
+            half_ulps = torch.ldexp(torch.full_like(merged, torch.finfo(merged_dtype).eps / 2),
+                                    torch.frexp(merged)[1] - 1)
+            carried = float(self.method.unmerge_error(half_ulps, params).max())
         absolute = carried + half_ulp(peak, dtype)
         relative = absolute / max(peak, torch.finfo(torch.float32).tiny)
         with self._lock:
-            if relative > self.worst["relative"]:
-                self.worst = {"absolute": absolute, "relative": relative, "tensor": job.output,
-                              "merged_dtype": str(merged_dtype).removeprefix("torch.")}
+            if absolute > self.worst["absolute"]:
+                self.worst.update(absolute=absolute, tensor=job.output,
+                                  merged_dtype=str(merged_dtype).removeprefix("torch."))
+            self.worst["relative"] = max(self.worst["relative"], relative)
 
 
 def half_ulp(x: float, dtype: torch.dtype) -> float:

@@ -172,6 +172,29 @@ def test_bf16_unmerge_is_correctly_rounded_and_bounded(tmp_path):
     assert 0 < worst <= bound["absolute"] and bound["relative"] <= 2**-6
 
 
+def test_unmerge_bound_holds_for_ill_conditioned_bat(tmp_path):
+    """FOSSIL bat amplifies the merged weights' rounding by (I + D_b)⁻¹: the reported bound is the largest over
+    tensors and is not below the actual distance from the original base (one tensor badly conditioned with large
+    weights, another milder with tiny ones, whose relative bound is the larger)."""
+    gen = torch.Generator().manual_seed(0)
+    original = {"a.proj.weight": 0.5 * torch.randn(16, 16, generator=gen),
+                "b.proj.weight": 1e-3 * torch.randn(16, 16, generator=gen)}
+    save_file(original, tmp_path / "base.safetensors")
+    config = lrs.AdapterConfig(method="fossil", r=8, alpha=8.0, target_modules=["proj"], fan_in_fan_out=False,
+                               options={"variant": "bat", "mini_r": None})
+    blocks = {"a.proj": -torch.eye(8) + 0.02 * torch.randn(2, 8, 8, generator=gen),
+              "b.proj": -torch.eye(8) + 0.2 * torch.randn(2, 8, 8, generator=gen)}
+    adapter = lrs.Adapter(config, {path: {"miss_block": block} for path, block in blocks.items()})
+    merge(adapter, tmp_path / "base.safetensors", tmp_path / "merged")
+    report = unmerge(adapter, tmp_path / "merged", tmp_path / "back")
+    back = tensors(tmp_path / "back")
+    actual = {name: float((back[name].double() - w.double()).abs().max()) for name, w in original.items()}
+    bound = report.error_bound
+    assert actual["a.proj.weight"] > 1e-6  # the amplification is real: float32's 1e-6 does not hold here
+    assert max(actual.values()) <= bound["absolute"] <= 50 * max(actual.values())
+    assert bound["tensor"] == "a.proj.weight" and bound["merged_dtype"] == "float32"
+
+
 def test_multishard_layout_kept_or_resharded(llama, tmp_path):
     adapter = make_adapter("lora", "default", llama, targets="q_proj,v_proj")
     lrs.save_adapter(adapter, tmp_path / "ad")

@@ -146,6 +146,15 @@ class Fossil(Method):
         w = torch.linalg.solve(affine[:, None], shifted, left=False).permute(0, 2, 1, 3)
         return w.reshape(merged.shape)
 
+    def unmerge_error(self, error: torch.Tensor, params: Params) -> torch.Tensor:
+        """bat: unmerge maps every block row e of its input through (I + D_b)⁻¹, so |e|·|(I + D_b)⁻¹| bounds
+        how far it moves the result (the inverse's entries are large where I + D_b is ill-conditioned)."""
+        if self.variant != "bat":
+            return error
+        block = params[BLOCK].to(error)
+        inverse = torch.linalg.inv(torch.eye(block.shape[-1], dtype=block.dtype, device=block.device) + block)
+        return _blockwise(error, inverse.abs()).reshape(error.shape)
+
     # ------------------------------------------------------------------ training
     def forward(self, layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
         """The fold kernel (balance/mini, never builds ΔW) or the block-affine kernel (bat)."""
@@ -214,8 +223,11 @@ def _blocks(weight: torch.Tensor, r: int) -> torch.Tensor:
     return weight.reshape(out // r, r, inp // r, r)
 
 
+def _blockwise(weight: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    """W_{b,c}·M_b for every r×r block of W (out × in) and each row block's M_b (out/r × r × r), as (out/r, r, in/r, r)."""
+    return torch.einsum("bpcq,bqs->bpcs", _blocks(weight, mats.shape[-1]), mats)
+
+
 def _bat_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """W_{b,c}·D_b + D_b for every block: ΔW of bat, in the dtype of its inputs."""
-    blocks = _blocks(weight, block.shape[-1])
-    delta = torch.einsum("bpcq,bqs->bpcs", blocks, block) + block[:, :, None, :]
-    return delta.reshape(weight.shape)
+    return (_blockwise(weight, block) + block[:, :, None, :]).reshape(weight.shape)
