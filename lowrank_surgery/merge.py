@@ -134,7 +134,7 @@ def plan_jobs(ckpt: Checkpoint, adapter: Adapter, method: Method, from_base: boo
     Parameters an imported adapter lacks (`Method.completable`) are recomputed from the base when `ckpt`
     is the base (`from_base`); a merged checkpoint cannot give them back, so unmerge refuses instead.
     """
-    linear = find_targets(ckpt, adapter.weights)
+    linear = find_targets(ckpt, adapter.weights, adapter.config.fan_in_fan_out)
     jobs = {path: _job(ckpt, linear, path, params) for path, params in adapter.weights.items()}
     missing = sorted({f"{path}.{n}" for path, params in adapter.weights.items()
                       for n in set(method.param_names) - set(params)})

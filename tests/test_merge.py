@@ -132,6 +132,41 @@ def test_merge_matches_peft_merge_and_unload(tiny_models, tmp_path, arch):
     assert checked >= 1
 
 
+def _bare(model: Path, out: Path) -> Path:
+    """The checkpoint's tensors as one bare .safetensors file, with no config.json next to it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors(model), out)
+    return out
+
+
+def _peft_gpt2_lora(base: Path, out: Path):
+    """A PEFT LoRA (random B) on GPT-2's Conv1D modules, saved in `out`; returns PEFT's merge_and_unload model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)
+    model = get_peft_model(load_causal_lm(base), config)
+    model.save_pretrained(out)
+    return model.merge_and_unload()
+
+
+def test_bare_gpt2_file_takes_the_layout_the_adapter_declares(tiny_models, tmp_path):
+    """No config.json: GPT-2's square attn.c_proj (Conv1D, stored transposed) cannot be told from its shape, so
+    the adapter's fan_in_fan_out decides; merge equals PEFT's on the real model and unmerge gives the base back."""
+    bare = _bare(tiny_models["gpt2"], tmp_path / "bare" / "model.safetensors")
+    theirs = _peft_gpt2_lora(tiny_models["gpt2"], tmp_path / "ad").state_dict()
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    merge(tmp_path / "ad", bare, tmp_path / "merged.safetensors")
+    ours, original = tensors(tmp_path / "merged.safetensors"), tensors(bare)
+    square = "transformer.h.0.attn.c_proj.weight"
+    assert ours[square].shape[0] == ours[square].shape[1] and (ours[square] - original[square]).abs().max() > 1e-3
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-5, msg=name)
+    unmerge(tmp_path / "ad", tmp_path / "merged.safetensors", tmp_path / "back.safetensors")
+    for name, t in tensors(tmp_path / "back.safetensors").items():
+        torch.testing.assert_close(t, original[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("method", [m for m, cls in lrs.METHODS.items() if cls.completable])
 def test_adapter_lacking_completable_parameters(llama, tmp_path, method):
     """Parameters an imported adapter may lack are recomputed from the base at merge; unmerge refuses without them."""
@@ -285,6 +320,9 @@ def _bad_cases(tiny_models, tmp_path) -> dict[str, list]:
     exists = tmp_path / "exists"
     shutil.copytree(llama, exists / "base")  # also an OUT that holds an input
     small, small_adapter = _small_base_and_adapter(tmp_path)
+    _peft_gpt2_lora(tiny_models["gpt2"], tmp_path / "gpt2-peft")
+    undeclared = _edited_config(tmp_path / "gpt2-peft", tmp_path / "undeclared", lambda c: c.pop("fan_in_fan_out"))
+    bare_gpt2 = _bare(tiny_models["gpt2"], tmp_path / "bare-gpt2" / "model.safetensors")
     return {
         "it has module transformer.h.0.attn.c_attn, which": [tmp_path / "gpt2-adapter", llama, "OUT"],
         "model.layers.1.self_attn.q_proj.lora_A.weight has shape [4, 32]": [_wrong_shape(llama, tmp_path), llama, "OUT"],
@@ -298,6 +336,8 @@ def _bad_cases(tiny_models, tmp_path) -> dict[str, list]:
             _edited_config(tmp_path / "good", tmp_path / "bad-method", lambda c: c["lrs"].update(method="foobar")),
             llama, "OUT"],
         "size '0' is less than one byte": [tmp_path / "good", llama, "OUT", "--max-shard-size", "0"],
+        "model.safetensors stores transformer.h.0.attn.c_proj.weight transposed (as GPT-2's Conv1D does)": [
+            undeclared, bare_gpt2, "OUT"],
         "tensor big.weight holds 1e+05, beyond the range of float16": [small_adapter, small, "OUT", "--dtype", "float16"],
         "tensor bad has shape [-1, -2], not a list of non-negative integers": [
             small_adapter, _with_negative_dims(small, tmp_path / "negative.safetensors"), "OUT"],

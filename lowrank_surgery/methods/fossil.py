@@ -194,7 +194,7 @@ class Fossil(Method):
             "layers_pattern": None,
             "bias": "none",
             "modules_to_save": None,
-            "lrs": c.lrs_block(),
+            "lrs": {**c.lrs_block(), "fan_in_fan_out": c.fan_in_fan_out},  # MiSS has no field for it
         }
 
     @classmethod
@@ -212,6 +212,7 @@ class Fossil(Method):
             method=cls.name, r=r, alpha=float(lrs.get("alpha", r)),
             target_modules=_as_list(data.get("target_modules")),
             dropout=float(data.get("miss_dropout") or 0.0),
+            fan_in_fan_out=lrs.get("fan_in_fan_out") if lrs else False,  # PEFT's MiSS adapts nn.Linear only
             options=options, base_model=data.get("base_model_name_or_path"),
             provenance=provenance_from_lrs(lrs),
         )
