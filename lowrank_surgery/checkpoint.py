@@ -194,6 +194,9 @@ class Checkpoint:
             else:
                 self.tensors.update(read_header(shard)[0])
         self.config: dict = self._read_json("config.json") if self.path.is_dir() else {}
+        self.quantization = quant_method(self.config)
+        self._scales: dict[str, TensorInfo] = {}  # fp8 weight -> its block scales, once dequantize_fp8 is called
+        self._block: tuple[int, int] = (1, 1)  # the rows × columns each scale covers
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source.id!r}, {len(self.shards)} shard(s), {len(self.tensors)} tensors)"
@@ -252,8 +255,17 @@ class Checkpoint:
 
     def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor into memory, straight out of the page cache (one copy); into `buffer`
-        (uint8, at least the tensor's bytes) when given, which the result then shares."""
-        info = self.info(name)
+        (uint8, at least the tensor's bytes) when given, which the result then shares. A quantized checkpoint's
+        tensors are refused (they are not its weights), but fp8 weights after `dequantize_fp8` (float32)."""
+        self.require_unquantized()
+        if name in self._scales:
+            return dequantize_blocks(self._read(self.info(name), buffer), self._read(self._scales[name]),
+                                     self._block)
+        return self._read(self.info(name), buffer)
+
+    def _read(self, info: TensorInfo, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor as stored."""
+        name = info.name
         if info.shard in self._pickled:
             return self._pickled[info.shard][name]
         data = torch.empty(info.nbytes, dtype=torch.uint8) if buffer is None else buffer[:info.nbytes]
@@ -262,6 +274,40 @@ class Checkpoint:
             if info.nbytes and f.readinto(data.numpy()) != info.nbytes:  # straight into the tensor: one copy
                 raise LrsError(f"corrupt safetensors file {info.shard}: tensor {name} is truncated")
         return data.view(info.dtype).reshape(info.shape)
+
+    def require_unquantized(self) -> None:
+        """Refuse a quantized checkpoint (a config.json with quantization_config): what it stores are integers or
+        fp8 values with scales, not the weights that lrs computes with."""
+        if not self.quantization:
+            return
+        hint = ("; lrs merge can dequantize its fp8 weights with block scales into a plain checkpoint: pass "
+                "--dtype bfloat16" if fp8_block_size(self.config) else "")
+        raise LrsError(f"{self.source.id} is quantized ({self.quantization}): lrs needs its unquantized weights "
+                       f"and would take the stored values for them; use the unquantized checkpoint{hint}")
+
+    def dequantize_fp8(self) -> None:
+        """Read a fine-grained fp8 checkpoint (DeepSeek-V3, Qwen3-FP8: float8_e4m3fn `*.weight` and float
+        `*.weight_scale_inv`, one scale per weight_block_size block) as the unquantized checkpoint it stands for:
+        `get` gives W = fp8 · scale_inv in float32, and the scales and the quantization_config are no longer seen.
+        Any other quantization is refused."""
+        block = fp8_block_size(self.config)
+        if block is None:
+            self.require_unquantized()
+            return
+        scales = {name.removesuffix("_scale_inv"): self.tensors.pop(name)
+                  for name in list(self.tensors) if name.endswith(".weight_scale_inv")}
+        for name, info in self.tensors.items():
+            if info.dtype.is_floating_point and info.dtype.itemsize == 1 and name not in scales:
+                raise LrsError(f"{self.source.id}: fp8 tensor {name} has no {name}_scale_inv to dequantize it with")
+        for name, scale in scales.items():
+            info = self.tensors.get(name)
+            expected = tuple(-(-d // b) for d, b in zip(info.shape, block)) if info and len(info.shape) == 2 else None
+            if info is None or info.dtype != torch.float8_e4m3fn or scale.shape != expected:
+                raise LrsError(f"{self.source.id}: {name}_scale_inv does not scale a float8_e4m3fn weight {name} "
+                               f"in {list(block)} blocks")
+        self._scales, self._block = scales, block
+        self.config = {k: v for k, v in self.config.items() if k != "quantization_config"}
+        self.quantization = None
 
     def raw(self, name: str) -> bytes | torch.Tensor:
         """The tensor's stored bytes (a tensor for pickled shards), for copying without decoding."""
@@ -489,6 +535,33 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- atomic output
+
+
+def quant_method(config: dict) -> str | None:
+    """How a checkpoint is quantized, from config.json's quantization_config (None when it is not)."""
+    quantization = config.get("quantization_config")
+    if not quantization:
+        return None
+    return str(quantization.get("quant_method", "unknown method")) if isinstance(quantization, dict) else "unknown method"
+
+
+def fp8_block_size(config: dict) -> tuple[int, int] | None:
+    """The (rows, columns) of a fine-grained fp8 checkpoint's scale blocks; None for any other quantization."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
+        return None
+    block = quantization.get("weight_block_size")
+    dynamic = quantization.get("activation_scheme", "dynamic") == "dynamic"  # static ones carry activation scales
+    if dynamic and isinstance(block, list) and len(block) == 2 and all(_is_count(b) and b > 0 for b in block):
+        return block[0], block[1]
+    return None
+
+
+def dequantize_blocks(fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """W = fp8 · scale, each scale covering a block of rows × columns (the last ones cut at the edges), in float32."""
+    rows, cols = fp8.shape
+    expanded = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return fp8.float() * expanded
 
 
 def check_output(out: Path, force: bool, inputs: Iterable[object] = ()) -> None:

@@ -104,6 +104,9 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     source = "(in memory)" if isinstance(adapter, Adapter) else os.fspath(adapter)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle)
+    if operation == "merge" and out_dtype is not None:
+        ckpt.dequantize_fp8()  # fp8 weights with block scales are read as float32 and written plain in out_dtype
+    ckpt.require_unquantized()  # any other quantized base, or fp8 without a --dtype to dequantize into
     method = adapter.method
     jobs = plan_jobs(ckpt, adapter, method, from_base=operation == "merge")
     untied = [j.output for j in jobs.values() if j.target.output] if _unties(ckpt, jobs) else []
