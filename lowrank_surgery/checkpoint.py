@@ -289,10 +289,9 @@ class Checkpoint:
         """Read a fine-grained fp8 checkpoint (DeepSeek-V3, Qwen3-FP8: float8_e4m3fn `*.weight` and float
         `*.weight_scale_inv`, one scale per weight_block_size block) as the unquantized checkpoint it stands for:
         `get` gives W = fp8 · scale_inv in float32, and the scales and the quantization_config are no longer seen.
-        Any other quantization is refused."""
+        Any other checkpoint is left as it is."""
         block = fp8_block_size(self.config)
         if block is None:
-            self.require_unquantized()
             return
         scales = {name.removesuffix("_scale_inv"): self.tensors.pop(name)
                   for name in list(self.tensors) if name.endswith(".weight_scale_inv")}

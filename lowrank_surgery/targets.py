@@ -64,7 +64,7 @@ def linear_targets(ckpt: Checkpoint) -> list[Target]:
     return found or guessed_targets(ckpt)
 
 
-def find_targets(ckpt: Checkpoint, paths: Iterable[str], fan_in_fan_out: bool | None = False) -> dict[str, Target]:
+def find_targets(ckpt: Checkpoint, paths: Iterable[str], fan_in_fan_out: bool | None) -> dict[str, Target]:
     """The targets among `paths`: from names and shapes when these find every path (no architecture to build),
     else from `linear_targets` (renamed or tied weights). Paths that are no linear module are left out.
 
