@@ -168,7 +168,8 @@ def _check_coverage(path: Path, tensors: Sequence[TensorInfo], base: int, size: 
     position = base
     for info in tensors:
         if info.start != position:
-            why = "overlaps another tensor" if info.start < position else f"leaves a gap of {info.start - position} bytes"
+            gap = info.start - position
+            why = "overlaps another tensor" if gap < 0 else f"leaves a gap of {gap} bytes"
             raise LrsError(f"corrupt safetensors file {path}: tensor {info.name} {why}")
         position = info.end
     if position > size:
@@ -541,7 +542,8 @@ def quant_method(config: dict) -> str | None:
     quantization = config.get("quantization_config")
     if not quantization:
         return None
-    return str(quantization.get("quant_method", "unknown method")) if isinstance(quantization, dict) else "unknown method"
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    return str(method or "unknown method")
 
 
 def fp8_block_size(config: dict) -> tuple[int, int] | None:

@@ -189,6 +189,7 @@ def select_targets(ckpt: Checkpoint, spec: str | Sequence[str]) -> list[Target]:
                for item in items)
     ]
     if not chosen:
+        ckpt.require_unquantized()  # GPTQ/AWQ/bitsandbytes store no float weights a linear module is found by
         raise LrsError(f"--targets {','.join(items)} matched no linear module; this model has: {', '.join(kinds(candidates))}")
     return chosen
 

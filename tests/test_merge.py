@@ -338,7 +338,8 @@ def _bad_cases(tiny_models, tmp_path) -> dict[str, list]:
         "size '0' is less than one byte": [tmp_path / "good", llama, "OUT", "--max-shard-size", "0"],
         "model.safetensors stores transformer.h.0.attn.c_proj.weight transposed (as GPT-2's Conv1D does)": [
             undeclared, bare_gpt2, "OUT"],
-        "tensor big.weight holds 1e+05, beyond the range of float16": [small_adapter, small, "OUT", "--dtype", "float16"],
+        "tensor big.weight holds 1e+05, beyond the range of float16": [
+            small_adapter, small, "OUT", "--dtype", "float16"],
         "tensor bad has shape [-1, -2], not a list of non-negative integers": [
             small_adapter, _with_negative_dims(small, tmp_path / "negative.safetensors"), "OUT"],
     }
@@ -349,7 +350,8 @@ def _small_base_and_adapter(tmp_path: Path) -> tuple[Path, Path]:
     base = tmp_path / "small.safetensors"
     save_file({"layer.proj.weight": torch.randn(8, 8), "big.weight": torch.tensor([1.0, -1e5])}, base)
     config = lrs.AdapterConfig(method="lora", r=2, alpha=2.0, target_modules=["proj"])
-    adapter = lrs.Adapter(config, {"layer.proj": {"lora_A.weight": torch.randn(2, 8), "lora_B.weight": torch.randn(8, 2)}})
+    params = {"lora_A.weight": torch.randn(2, 8), "lora_B.weight": torch.randn(8, 2)}
+    adapter = lrs.Adapter(config, {"layer.proj": params})
     save_adapter(adapter, tmp_path / "small-adapter")
     return base, tmp_path / "small-adapter"
 

@@ -100,8 +100,24 @@ def _quantized_as(base: Path, out: Path, quantization: dict) -> Path:
     return out
 
 
+def _gptq_layout(out: Path) -> Path:
+    """A GPTQ-style checkpoint: packed int32 qweight, qzeros, scales and g_idx instead of each linear's weight."""
+    out.mkdir()
+    layer = "model.layers.0.self_attn.q_proj"
+    packed = {f"{layer}.qweight": torch.zeros(8, 64, dtype=torch.int32),
+              f"{layer}.qzeros": torch.zeros(1, 8, dtype=torch.int32),
+              f"{layer}.scales": torch.ones(1, 64, dtype=torch.float16),
+              f"{layer}.g_idx": torch.zeros(64, dtype=torch.int32),
+              "model.embed_tokens.weight": torch.zeros(128, 64, dtype=torch.float16)}
+    save_file(packed, out / "model.safetensors")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 @pytest.mark.parametrize("command", ["merge-auto", "merge-gptq", "merge-bnb", "unmerge", "init-pissa", "init-cola",
-                                     "init-bat", "extract-subspace", "extract-lora", "train"])
+                                     "init-bat", "init-gptq-layout", "extract-subspace", "extract-lora", "train"])
 def test_quantized_base_refused_in_one_line(lrs, fp8_llama, llama, tmp_path, command):
     """Every command that computes with the base's weights refuses a quantized one (merge only dequantizes fp8
     with block scales, and only into an explicit --dtype)."""
@@ -123,6 +139,8 @@ def test_quantized_base_refused_in_one_line(lrs, fp8_llama, llama, tmp_path, com
         "init-cola": (["init", "--method", "cola", "--base", fp8_llama, "--out", out], "is quantized (fp8)"),
         "init-bat": (["init", "--method", "fossil", "--variant", "bat", "--rank", "8", "--base", fp8_llama, "--out",
                       out], "is quantized (fp8)"),
+        "init-gptq-layout": (["init", "--method", "pissa", "--base", _gptq_layout(tmp_path / "packed"), "--out", out],
+                             "is quantized (gptq)"),
         "extract-subspace": (["extract-subspace", fp8_llama, "--out", out, "--rank", "4"], "is quantized (fp8)"),
         "extract-lora": (["extract-lora", fp8_llama, llama, out, "--rank", "2"], "is quantized (fp8)"),
         "train": (["train", lrs_adapter, "--base", fp8_llama, "--data", data, "--out", out, "--steps", "1"],

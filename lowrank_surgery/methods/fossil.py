@@ -225,7 +225,7 @@ def _blocks(weight: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _blockwise(weight: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
-    """W_{b,c}·M_b for every r×r block of W (out × in) and each row block's M_b (out/r × r × r), as (out/r, r, in/r, r)."""
+    """W_{b,c}·M_b for every r×r block of W (out × in), one M_b per block row (out/r × r × r): (out/r, r, in/r, r)."""
     return torch.einsum("bpcq,bqs->bpcs", _blocks(weight, mats.shape[-1]), mats)
 
 
