@@ -72,6 +72,6 @@ def _print(report: MergeReport, as_json: bool) -> None:
         say(f"untied {', '.join(report.untied)} from the input embedding (tie_word_embeddings: false)")
     bound = report.error_bound
     if bound and bound["tensor"]:
-        say(f"distance from the original base: at most {bound['absolute']:.3g} per entry "
-            f"({bound['relative']:.3g} of the largest entry, worst in {bound['tensor']}): "
+        say(f"distance from the original base: at most {bound['absolute']:.3g} per entry (in {bound['tensor']}; "
+            f"at most {bound['relative']:.3g} of a tensor's largest entry): "
             f"the {bound['merged_dtype']} merged weights were rounded")

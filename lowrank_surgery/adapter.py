@@ -42,7 +42,7 @@ class AdapterConfig:
     target_modules: list[str]
     dropout: float = 0.0
     rslora: bool = False
-    fan_in_fan_out: bool = False
+    fan_in_fan_out: bool | None = False  # W stored transposed (Conv1D); None: the adapter does not say
     options: dict[str, Any] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)

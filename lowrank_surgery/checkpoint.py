@@ -28,9 +28,12 @@ from .errors import LrsError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "F8_E8M0": torch.float8_e8m0fnu, "C64": torch.complex64,
 }
+SUB_BYTE_DTYPES = {"F4", "F6_E2M3", "F6_E3M2"}  # valid safetensors, but no torch dtype holds them element by element
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -108,7 +111,7 @@ def _cached_commit(local: str) -> str | None:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: tensors by name, and the metadata."""
+    """Parse and validate a safetensors header as the safetensors library does: tensors by name, and the metadata."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -124,21 +127,56 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise LrsError(f"corrupt safetensors file {path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LrsError(f"corrupt safetensors file {path}: __metadata__ is not a map of strings")
     base = 8 + length
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise LrsError(f"corrupt safetensors file {path}: bad header entry for {name}") from None
-        if not 0 <= start <= end or base + end > size:
-            raise LrsError(f"corrupt safetensors file {path}: tensor {name} lies beyond the end of the file (truncated?)")
-        if end - start != math.prod(shape) * dtype.itemsize:
-            raise LrsError(f"corrupt safetensors file {path}: tensor {name} has {end - start} bytes for shape {list(shape)}")
-        tensors[name] = TensorInfo(name, path, dtype, shape, base + start, base + end)
-    return dict(sorted(tensors.items(), key=lambda item: item[1].start)), metadata
+    tensors = sorted((_header_entry(path, name, entry, base) for name, entry in header.items()),
+                     key=lambda info: (info.start, info.end))
+    _check_coverage(path, tensors, base, size)
+    return {info.name: info for info in tensors}, metadata
+
+
+def _header_entry(path: Path, name: str, entry: object, base: int) -> TensorInfo:
+    """One tensor's header entry, checked: a known dtype, non-negative integer dims, offsets that hold its bytes."""
+    def corrupt(why: str) -> LrsError:
+        return LrsError(f"corrupt safetensors file {path}: tensor {name} {why}")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise corrupt("has no dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype in SUB_BYTE_DTYPES:
+        raise LrsError(f"{path}: tensor {name} has dtype {dtype}, which lrs cannot read (sub-byte floats)")
+    if dtype not in DTYPES:
+        raise corrupt(f"has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise corrupt(f"has shape {shape!r}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise corrupt(f"has data_offsets {offsets!r}, not [start, end] with 0 <= start <= end")
+    start, end = offsets
+    if end - start != math.prod(shape) * DTYPES[dtype].itemsize:
+        raise corrupt(f"has {end - start} bytes for shape {shape} of {dtype}")
+    return TensorInfo(name, path, DTYPES[dtype], tuple(shape), base + start, base + end)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_coverage(path: Path, tensors: Sequence[TensorInfo], base: int, size: int) -> None:
+    """The tensors (sorted by offset) must tile the data section exactly: no gap, no overlap, nothing after."""
+    position = base
+    for info in tensors:
+        if info.start != position:
+            gap = info.start - position
+            why = "overlaps another tensor" if gap < 0 else f"leaves a gap of {gap} bytes"
+            raise LrsError(f"corrupt safetensors file {path}: tensor {info.name} {why}")
+        position = info.end
+    if position > size:
+        raise LrsError(f"corrupt safetensors file {path}: tensor {tensors[-1].name} lies beyond the end of the file "
+                       "(truncated?)")
+    if position < size:
+        raise LrsError(f"corrupt safetensors file {path}: {size - position} bytes after the last tensor")
 
 
 class Checkpoint:
@@ -157,6 +195,9 @@ class Checkpoint:
             else:
                 self.tensors.update(read_header(shard)[0])
         self.config: dict = self._read_json("config.json") if self.path.is_dir() else {}
+        self.quantization = quant_method(self.config)
+        self._scales: dict[str, TensorInfo] = {}  # fp8 weight -> its block scales, once dequantize_fp8 is called
+        self._block: tuple[int, int] = (1, 1)  # the rows × columns each scale covers
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source.id!r}, {len(self.shards)} shard(s), {len(self.tensors)} tensors)"
@@ -215,8 +256,17 @@ class Checkpoint:
 
     def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor into memory, straight out of the page cache (one copy); into `buffer`
-        (uint8, at least the tensor's bytes) when given, which the result then shares."""
-        info = self.info(name)
+        (uint8, at least the tensor's bytes) when given, which the result then shares. A quantized checkpoint's
+        tensors are refused (they are not its weights), but fp8 weights after `dequantize_fp8` (float32)."""
+        self.require_unquantized()
+        if name in self._scales:
+            return dequantize_blocks(self._read(self.info(name), buffer), self._read(self._scales[name]),
+                                     self._block)
+        return self._read(self.info(name), buffer)
+
+    def _read(self, info: TensorInfo, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor as stored."""
+        name = info.name
         if info.shard in self._pickled:
             return self._pickled[info.shard][name]
         data = torch.empty(info.nbytes, dtype=torch.uint8) if buffer is None else buffer[:info.nbytes]
@@ -225,6 +275,39 @@ class Checkpoint:
             if info.nbytes and f.readinto(data.numpy()) != info.nbytes:  # straight into the tensor: one copy
                 raise LrsError(f"corrupt safetensors file {info.shard}: tensor {name} is truncated")
         return data.view(info.dtype).reshape(info.shape)
+
+    def require_unquantized(self) -> None:
+        """Refuse a quantized checkpoint (a config.json with quantization_config): what it stores are integers or
+        fp8 values with scales, not the weights that lrs computes with."""
+        if not self.quantization:
+            return
+        hint = ("; lrs merge can dequantize its fp8 weights with block scales into a plain checkpoint: pass "
+                "--dtype bfloat16" if fp8_block_size(self.config) else "")
+        raise LrsError(f"{self.source.id} is quantized ({self.quantization}): lrs needs its unquantized weights "
+                       f"and would take the stored values for them; use the unquantized checkpoint{hint}")
+
+    def dequantize_fp8(self) -> None:
+        """Read a fine-grained fp8 checkpoint (DeepSeek-V3, Qwen3-FP8: float8_e4m3fn `*.weight` and float
+        `*.weight_scale_inv`, one scale per weight_block_size block) as the unquantized checkpoint it stands for:
+        `get` gives W = fp8 · scale_inv in float32, and the scales and the quantization_config are no longer seen.
+        Any other checkpoint is left as it is."""
+        block = fp8_block_size(self.config)
+        if block is None:
+            return
+        scales = {name.removesuffix("_scale_inv"): self.tensors.pop(name)
+                  for name in list(self.tensors) if name.endswith(".weight_scale_inv")}
+        for name, info in self.tensors.items():
+            if info.dtype.is_floating_point and info.dtype.itemsize == 1 and name not in scales:
+                raise LrsError(f"{self.source.id}: fp8 tensor {name} has no {name}_scale_inv to dequantize it with")
+        for name, scale in scales.items():
+            info = self.tensors.get(name)
+            expected = tuple(-(-d // b) for d, b in zip(info.shape, block)) if info and len(info.shape) == 2 else None
+            if info is None or info.dtype != torch.float8_e4m3fn or scale.shape != expected:
+                raise LrsError(f"{self.source.id}: {name}_scale_inv does not scale a float8_e4m3fn weight {name} "
+                               f"in {list(block)} blocks")
+        self._scales, self._block = scales, block
+        self.config = {k: v for k, v in self.config.items() if k != "quantization_config"}
+        self.quantization = None
 
     def raw(self, name: str) -> bytes | torch.Tensor:
         """The tensor's stored bytes (a tensor for pickled shards), for copying without decoding."""
@@ -293,12 +376,12 @@ class SafetensorsWriter:
             f.truncate(start + offset)
 
     def write(self, name: str, data: torch.Tensor | bytes) -> None:
-        """Put a tensor (or its raw bytes) in its place."""
+        """Put a tensor (or its raw bytes) in its place, cast to its planned dtype (refused where that overflows)."""
         expected, offset = self._place(name)
         if isinstance(data, torch.Tensor):
-            if data.dtype != expected.dtype or tuple(data.shape) != expected.shape:
-                raise RuntimeError(f"{name}: planned {expected.dtype}{list(expected.shape)}, got {data.dtype}{list(data.shape)}")
-            data = _tensor_bytes(data)
+            if tuple(data.shape) != expected.shape:
+                raise RuntimeError(f"{name}: planned shape {list(expected.shape)}, got {list(data.shape)}")
+            data = _tensor_bytes(cast(data, expected.dtype, name))
         if len(data) != expected.nbytes:
             raise RuntimeError(f"{name}: planned {expected.nbytes} bytes, got {len(data)}")
         with _open_for_update(self.path) as fd:
@@ -359,6 +442,20 @@ def _copy_chunk(src: int, start: int, dst: int, offset: int, nbytes: int) -> int
     while view:
         view = view[os.pwrite(dst, view, offset + len(data) - len(view)):]
     return len(data)
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """t in `dtype`; LrsError naming the tensor when a finite value would become infinite (float16's range is small)."""
+    if t.dtype == dtype:
+        return t
+    converted = t.to(dtype)
+    if converted.is_floating_point():
+        overflow = torch.isinf(converted) & torch.isfinite(t)
+        if bool(overflow.any()):
+            raise LrsError(f"tensor {name} holds {float(t[overflow].abs().max()):.4g}, beyond the range of "
+                           f"{str(dtype).removeprefix('torch.')} (largest {torch.finfo(dtype).max:.4g}): "
+                           "choose a wider dtype; nothing was written")
+    return converted
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
@@ -438,6 +535,34 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- atomic output
+
+
+def quant_method(config: dict) -> str | None:
+    """How a checkpoint is quantized, from config.json's quantization_config (None when it is not)."""
+    quantization = config.get("quantization_config")
+    if not quantization:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    return str(method or "unknown method")
+
+
+def fp8_block_size(config: dict) -> tuple[int, int] | None:
+    """The (rows, columns) of a fine-grained fp8 checkpoint's scale blocks; None for any other quantization."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
+        return None
+    block = quantization.get("weight_block_size")
+    dynamic = quantization.get("activation_scheme", "dynamic") == "dynamic"  # static ones carry activation scales
+    if dynamic and isinstance(block, list) and len(block) == 2 and all(_is_count(b) and b > 0 for b in block):
+        return block[0], block[1]
+    return None
+
+
+def dequantize_blocks(fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """W = fp8 · scale, each scale covering a block of rows × columns (the last ones cut at the edges), in float32."""
+    rows, cols = fp8.shape
+    expanded = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return fp8.float() * expanded
 
 
 def check_output(out: Path, force: bool, inputs: Iterable[object] = ()) -> None:

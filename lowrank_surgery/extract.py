@@ -35,6 +35,8 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
         raise LrsError(f"--rank must be at least 1, got {rank}")
     start = time.perf_counter()
     ft, bs = Checkpoint(finetuned), Checkpoint(base)
+    for ckpt in (ft, bs):  # before comparing layouts: fp8 checkpoints add scale tensors
+        ckpt.require_unquantized()
     check_same_layout(ft, bs)
     chosen = select_targets(bs, targets)
     config = AdapterConfig(method="lora", r=rank, alpha=float(rank), target_modules=[],

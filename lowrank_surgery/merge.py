@@ -104,6 +104,9 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     source = "(in memory)" if isinstance(adapter, Adapter) else os.fspath(adapter)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle)
+    if operation == "merge" and out_dtype is not None:
+        ckpt.dequantize_fp8()  # fp8 weights with block scales are read as float32 and written plain in out_dtype
+    ckpt.require_unquantized()  # any other quantized base, or fp8 without a --dtype to dequantize into
     method = adapter.method
     jobs = plan_jobs(ckpt, adapter, method, from_base=operation == "merge")
     untied = [j.output for j in jobs.values() if j.target.output] if _unties(ckpt, jobs) else []
@@ -134,7 +137,7 @@ def plan_jobs(ckpt: Checkpoint, adapter: Adapter, method: Method, from_base: boo
     Parameters an imported adapter lacks (`Method.completable`) are recomputed from the base when `ckpt`
     is the base (`from_base`); a merged checkpoint cannot give them back, so unmerge refuses instead.
     """
-    linear = find_targets(ckpt, adapter.weights)
+    linear = find_targets(ckpt, adapter.weights, adapter.config.fan_in_fan_out)
     jobs = {path: _job(ckpt, linear, path, params) for path, params in adapter.weights.items()}
     missing = sorted({f"{path}.{n}" for path, params in adapter.weights.items()
                       for n in set(method.param_names) - set(params)})
@@ -281,7 +284,7 @@ def _produce(writer: SafetensorsWriter, ckpt: Checkpoint, t: PlannedTensor, sour
         return
     info = ckpt.info(source)
     if t.dtype != info.dtype:
-        writer.write(t.name, ckpt.get(source).to(t.dtype))
+        writer.write(t.name, ckpt.get(source))  # the writer casts, refusing values out of the new dtype's range
     elif info.shard.suffix == ".safetensors":
         writer.copy(t.name, info.shard, info.start)
     else:
@@ -342,12 +345,12 @@ def _peak(x: torch.Tensor) -> float:
 
 
 class ErrorBound:
-    """How far an unmerged tensor can be from the original base (entrywise, maximised over touched tensors).
+    """How far an unmerged tensor can be from the original base, entrywise: the largest bound over touched tensors
+    (`absolute`, and the tensor it is in), and the largest relative to its tensor's largest entry (`relative`).
 
-    The merged input was rounded (at most half an ulp of its dtype) and the result is rounded once more.
-    When ΔW does not involve W, unmerge is W' − ΔW and the bound is exact: half an ulp of the largest
-    merged entry plus half an ulp of the largest result entry. When it does (FOSSIL bat), the input rounding
-    is carried through the method's unmerge entrywise, a first-order estimate.
+    The merged input was rounded (at most half an ulp of each of its entries) and the result is rounded once more
+    (at most half an ulp of its largest entry). The method's `unmerge_error` carries the input rounding through
+    unmerge: unchanged for W' − ΔW, amplified by (I + D_b)⁻¹ for FOSSIL bat.
     """
 
     def __init__(self, method: Method):
@@ -357,19 +360,19 @@ class ErrorBound:
 
     def add(self, job: Job, merged: torch.Tensor, merged_dtype: torch.dtype, peak: float, dtype: torch.dtype,
             params: Params) -> None:
-        carried = half_ulp(_peak(merged), merged_dtype)
+        carried = half_ulp(_peak(merged), merged_dtype)  # W' − ΔW moves no entry further than its largest half ulp
         if self.method.needs_base_weight:
             merged = merged.double()
-            ulps = torch.ldexp(torch.full_like(merged, torch.finfo(merged_dtype).eps / 2), torch.frexp(merged)[1] - 1)
-            path = job.target.path
-            carried = float((self.method.unmerge(merged + ulps, params, path).double()
-                             - self.method.unmerge(merged, params, path).double()).abs().max())
+            half_ulps = torch.ldexp(torch.full_like(merged, torch.finfo(merged_dtype).eps / 2),
+                                    torch.frexp(merged)[1] - 1)
+            carried = float(self.method.unmerge_error(half_ulps, params).max())
         absolute = carried + half_ulp(peak, dtype)
         relative = absolute / max(peak, torch.finfo(torch.float32).tiny)
         with self._lock:
-            if relative > self.worst["relative"]:
-                self.worst = {"absolute": absolute, "relative": relative, "tensor": job.output,
-                              "merged_dtype": str(merged_dtype).removeprefix("torch.")}
+            if absolute > self.worst["absolute"]:
+                self.worst.update(absolute=absolute, tensor=job.output,
+                                  merged_dtype=str(merged_dtype).removeprefix("torch."))
+            self.worst["relative"] = max(self.worst["relative"], relative)
 
 
 def half_ulp(x: float, dtype: torch.dtype) -> float:

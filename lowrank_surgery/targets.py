@@ -64,15 +64,40 @@ def linear_targets(ckpt: Checkpoint) -> list[Target]:
     return found or guessed_targets(ckpt)
 
 
-def find_targets(ckpt: Checkpoint, paths: Iterable[str]) -> dict[str, Target]:
+def find_targets(ckpt: Checkpoint, paths: Iterable[str], fan_in_fan_out: bool | None) -> dict[str, Target]:
     """The targets among `paths`: from names and shapes when these find every path (no architecture to build),
-    else from `linear_targets` (renamed or tied weights). Paths that are no linear module are left out."""
+    else from `linear_targets` (renamed or tied weights). Paths that are no linear module are left out.
+
+    Where the checkpoint cannot tell whether a weight is stored transposed (no config.json, no telling bias), the
+    adapter's `fan_in_fan_out` decides; when the adapter does not say either (None), a square weight is refused.
+    """
     paths = list(paths)
-    guessed = {t.path: t for t in guessed_targets(ckpt)}
-    if all(p in guessed for p in paths):
-        return {p: guessed[p] for p in paths}
-    known = {t.path: t for t in linear_targets(ckpt)}
-    return {p: known[p] for p in paths if p in known}
+    found = {t.path: t for t in guessed_targets(ckpt)}
+    if not all(p in found for p in paths):
+        found = {t.path: t for t in linear_targets(ckpt)}
+    return {p: _as_declared(ckpt, found[p], fan_in_fan_out) for p in paths if p in found}
+
+
+def _as_declared(ckpt: Checkpoint, target: Target, fan_in_fan_out: bool | None) -> Target:
+    """The target laid out as the adapter declares, where the checkpoint itself does not tell."""
+    if _layout_told(ckpt, target) or fan_in_fan_out == target.conv1d:
+        return target
+    if fan_in_fan_out is None:
+        if target.out_features != target.in_features:
+            return target  # a wrong guess shows in the adapter's shapes, which are checked against it
+        raise LrsError(f"cannot tell whether {ckpt.source.id} stores {target.weight} transposed (as GPT-2's Conv1D "
+                       "does): it has no config.json and the adapter does not declare fan_in_fan_out; put the "
+                       "model's config.json next to its weights or set fan_in_fan_out in adapter_config.json")
+    return Target(target.path, target.in_features, target.out_features, fan_in_fan_out, output=target.output)
+
+
+def _layout_told(ckpt: Checkpoint, target: Target) -> bool:
+    """Whether the checkpoint says how the target's weight is stored: a config naming the model type, a tied
+    weight or an output layer, or a bias sized like one dimension of a non-square weight."""
+    if ckpt.config.get("model_type") or target.tied_to or target.stored_as or target.output:  # output layers: Linear
+        return True
+    bias = ckpt.tensors.get(f"{target.path}.bias")
+    return bias is not None and target.out_features != target.in_features and len(bias.shape) == 1
 
 
 def _from_layout(ckpt: Checkpoint, arch: Layout) -> list[Target]:
@@ -164,6 +189,7 @@ def select_targets(ckpt: Checkpoint, spec: str | Sequence[str]) -> list[Target]:
                for item in items)
     ]
     if not chosen:
+        ckpt.require_unquantized()  # GPTQ/AWQ/bitsandbytes store no float weights a linear module is found by
         raise LrsError(f"--targets {','.join(items)} matched no linear module; this model has: {', '.join(kinds(candidates))}")
     return chosen
 

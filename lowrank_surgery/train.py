@@ -29,7 +29,7 @@ from . import progress
 from .adapter import Adapter, load_adapter, write_adapter_files
 from .attach import attach, trained_weights
 from .cards import adapter_card, read_metrics
-from .checkpoint import atomic_output, check_output, load_tensors, resolve_model, save_tensors
+from .checkpoint import Checkpoint, atomic_output, check_output, load_tensors, resolve_model, save_tensors
 from .data import IGNORE, Dataset, collate, load_dataset, step_indices
 from .errors import LrsError
 
@@ -98,6 +98,7 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
     if batch_size % ctx.world:
         raise LrsError(f"--batch-size {batch_size} must be a multiple of the number of processes ({ctx.world})")
     base_path = resolve_model(base).path
+    Checkpoint(base_path).require_unquantized()  # transformers would load it quantized, or not at all on a CPU
     tokenizer = load_tokenizer(base_path)
     train_set = load_dataset(data, tokenizer, seq_len, packing)
     eval_set = load_dataset(eval_data, tokenizer, seq_len, packing) if eval_data else None

@@ -42,6 +42,63 @@ def test_single_file_checkpoint(tmp_path):
     assert torch.equal(ckpt.get("b"), tensors["b"])
 
 
+def _crafted(path, header: dict, data_size: int) -> None:
+    """A safetensors file with exactly this header and `data_size` zero bytes of data."""
+    import struct
+
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(data_size))
+
+
+def _entry(dtype: str, shape: list, start: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+
+
+# name -> (header, data bytes): each breaks one rule safetensors enforces
+BAD_HEADERS = {
+    "negative dims": ({"t": _entry("F32", [-1, -2], 0, 8)}, 8),
+    "float dims": ({"t": _entry("F32", [2.0], 0, 8)}, 8),
+    "bool dims": ({"t": _entry("F32", [True, 2], 0, 8)}, 8),
+    "string dims": ({"t": _entry("F32", ["2"], 0, 8)}, 8),
+    "unknown dtype": ({"t": _entry("F128", [2], 0, 8)}, 8),
+    "negative offset": ({"t": _entry("U8", [2], -2, 0)}, 2),
+    "float offset": ({"t": _entry("U8", [2], 0.0, 2)}, 2),
+    "bytes not dtype x numel": ({"t": _entry("F16", [3], 0, 4)}, 4),
+    "overlap": ({"a": _entry("U8", [2], 0, 2), "b": _entry("U8", [2], 0, 2)}, 2),
+    "gap": ({"a": _entry("U8", [2], 0, 2), "b": _entry("U8", [2], 4, 6)}, 6),
+    "bytes after the last tensor": ({"a": _entry("U8", [2], 0, 2)}, 3),
+    "truncated": ({"a": _entry("U8", [4], 0, 4)}, 2),
+    "missing field": ({"a": {"dtype": "U8", "shape": [2]}}, 2),
+    "metadata not strings": ({"__metadata__": {"format": 1}, "a": _entry("U8", [2], 0, 2)}, 2),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HEADERS)
+def test_header_refused_where_safetensors_refuses_it(tmp_path, case):
+    header, size = BAD_HEADERS[case]
+    _crafted(tmp_path / "bad.safetensors", header, size)
+    with pytest.raises(Exception):  # the oracle: safetensors itself cannot read it
+        safe_open(tmp_path / "bad.safetensors", "pt")
+    with pytest.raises(LrsError, match="corrupt safetensors file"):
+        lrs.Checkpoint(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("dtype", ["U16", "U32", "U64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "C64", "BOOL", "I16"])
+def test_every_safetensors_dtype_torch_holds_is_read(tmp_path, dtype):
+    from lowrank_surgery.checkpoint import DTYPES
+
+    size = 3 * DTYPES[dtype].itemsize
+    blob = bytes(range(1, size + 1))
+    header = {"t": _entry(dtype, [3], 0, size), "u": _entry("U8", [1], size, size + 1)}
+    _crafted(tmp_path / "ok.safetensors", header, 0)
+    with open(tmp_path / "ok.safetensors", "ab") as f:
+        f.write(blob + b"\x07")
+    with safe_open(tmp_path / "ok.safetensors", "pt") as f:
+        expected = f.get_tensor("t")
+    got = lrs.Checkpoint(tmp_path / "ok.safetensors").get("t")
+    assert got.dtype == expected.dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
 def test_sharded_writer_roundtrip(tmp_path):
     tensors = {f"t{i}": torch.randn(10, 7 + i).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(6)}
     plan = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]

@@ -132,6 +132,41 @@ def test_merge_matches_peft_merge_and_unload(tiny_models, tmp_path, arch):
     assert checked >= 1
 
 
+def _bare(model: Path, out: Path) -> Path:
+    """The checkpoint's tensors as one bare .safetensors file, with no config.json next to it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors(model), out)
+    return out
+
+
+def _peft_gpt2_lora(base: Path, out: Path):
+    """A PEFT LoRA (random B) on GPT-2's Conv1D modules, saved in `out`; returns PEFT's merge_and_unload model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)
+    model = get_peft_model(load_causal_lm(base), config)
+    model.save_pretrained(out)
+    return model.merge_and_unload()
+
+
+def test_bare_gpt2_file_takes_the_layout_the_adapter_declares(tiny_models, tmp_path):
+    """No config.json: GPT-2's square attn.c_proj (Conv1D, stored transposed) cannot be told from its shape, so
+    the adapter's fan_in_fan_out decides; merge equals PEFT's on the real model and unmerge gives the base back."""
+    bare = _bare(tiny_models["gpt2"], tmp_path / "bare" / "model.safetensors")
+    theirs = _peft_gpt2_lora(tiny_models["gpt2"], tmp_path / "ad").state_dict()
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    merge(tmp_path / "ad", bare, tmp_path / "merged.safetensors")
+    ours, original = tensors(tmp_path / "merged.safetensors"), tensors(bare)
+    square = "transformer.h.0.attn.c_proj.weight"
+    assert ours[square].shape[0] == ours[square].shape[1] and (ours[square] - original[square]).abs().max() > 1e-3
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-5, msg=name)
+    unmerge(tmp_path / "ad", tmp_path / "merged.safetensors", tmp_path / "back.safetensors")
+    for name, t in tensors(tmp_path / "back.safetensors").items():
+        torch.testing.assert_close(t, original[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("method", [m for m, cls in lrs.METHODS.items() if cls.completable])
 def test_adapter_lacking_completable_parameters(llama, tmp_path, method):
     """Parameters an imported adapter may lack are recomputed from the base at merge; unmerge refuses without them."""
@@ -170,6 +205,29 @@ def test_bf16_unmerge_is_correctly_rounded_and_bounded(tmp_path):
     bound = report.error_bound
     assert bound["merged_dtype"] == "bfloat16" and bound["tensor"] in original
     assert 0 < worst <= bound["absolute"] and bound["relative"] <= 2**-6
+
+
+def test_unmerge_bound_holds_for_ill_conditioned_bat(tmp_path):
+    """FOSSIL bat amplifies the merged weights' rounding by (I + D_b)⁻¹: the reported bound is the largest over
+    tensors and is not below the actual distance from the original base (one tensor badly conditioned with large
+    weights, another milder with tiny ones, whose relative bound is the larger)."""
+    gen = torch.Generator().manual_seed(0)
+    original = {"a.proj.weight": 0.5 * torch.randn(16, 16, generator=gen),
+                "b.proj.weight": 1e-3 * torch.randn(16, 16, generator=gen)}
+    save_file(original, tmp_path / "base.safetensors")
+    config = lrs.AdapterConfig(method="fossil", r=8, alpha=8.0, target_modules=["proj"], fan_in_fan_out=False,
+                               options={"variant": "bat", "mini_r": None})
+    blocks = {"a.proj": -torch.eye(8) + 0.02 * torch.randn(2, 8, 8, generator=gen),
+              "b.proj": -torch.eye(8) + 0.2 * torch.randn(2, 8, 8, generator=gen)}
+    adapter = lrs.Adapter(config, {path: {"miss_block": block} for path, block in blocks.items()})
+    merge(adapter, tmp_path / "base.safetensors", tmp_path / "merged")
+    report = unmerge(adapter, tmp_path / "merged", tmp_path / "back")
+    back = tensors(tmp_path / "back")
+    actual = {name: float((back[name].double() - w.double()).abs().max()) for name, w in original.items()}
+    bound = report.error_bound
+    assert actual["a.proj.weight"] > 1e-6  # the amplification is real: float32's 1e-6 does not hold here
+    assert max(actual.values()) <= bound["absolute"] <= 50 * max(actual.values())
+    assert bound["tensor"] == "a.proj.weight" and bound["merged_dtype"] == "float32"
 
 
 def test_multishard_layout_kept_or_resharded(llama, tmp_path):
@@ -261,6 +319,10 @@ def _bad_cases(tiny_models, tmp_path) -> dict[str, list]:
         (corrupt / f.name).write_bytes(data[:-64] if f.name.endswith("00002-of-00003.safetensors") else data)
     exists = tmp_path / "exists"
     shutil.copytree(llama, exists / "base")  # also an OUT that holds an input
+    small, small_adapter = _small_base_and_adapter(tmp_path)
+    _peft_gpt2_lora(tiny_models["gpt2"], tmp_path / "gpt2-peft")
+    undeclared = _edited_config(tmp_path / "gpt2-peft", tmp_path / "undeclared", lambda c: c.pop("fan_in_fan_out"))
+    bare_gpt2 = _bare(tiny_models["gpt2"], tmp_path / "bare-gpt2" / "model.safetensors")
     return {
         "it has module transformer.h.0.attn.c_attn, which": [tmp_path / "gpt2-adapter", llama, "OUT"],
         "model.layers.1.self_attn.q_proj.lora_A.weight has shape [4, 32]": [_wrong_shape(llama, tmp_path), llama, "OUT"],
@@ -274,7 +336,50 @@ def _bad_cases(tiny_models, tmp_path) -> dict[str, list]:
             _edited_config(tmp_path / "good", tmp_path / "bad-method", lambda c: c["lrs"].update(method="foobar")),
             llama, "OUT"],
         "size '0' is less than one byte": [tmp_path / "good", llama, "OUT", "--max-shard-size", "0"],
+        "model.safetensors stores transformer.h.0.attn.c_proj.weight transposed (as GPT-2's Conv1D does)": [
+            undeclared, bare_gpt2, "OUT"],
+        "tensor big.weight holds 1e+05, beyond the range of float16": [
+            small_adapter, small, "OUT", "--dtype", "float16"],
+        "tensor bad has shape [-1, -2], not a list of non-negative integers": [
+            small_adapter, _with_negative_dims(small, tmp_path / "negative.safetensors"), "OUT"],
     }
+
+
+def _small_base_and_adapter(tmp_path: Path) -> tuple[Path, Path]:
+    """A bare safetensors base with a linear weight and an untouched tensor float16 cannot hold, and a LoRA on it."""
+    base = tmp_path / "small.safetensors"
+    save_file({"layer.proj.weight": torch.randn(8, 8), "big.weight": torch.tensor([1.0, -1e5])}, base)
+    config = lrs.AdapterConfig(method="lora", r=2, alpha=2.0, target_modules=["proj"])
+    params = {"lora_A.weight": torch.randn(2, 8), "lora_B.weight": torch.randn(8, 2)}
+    adapter = lrs.Adapter(config, {"layer.proj": params})
+    save_adapter(adapter, tmp_path / "small-adapter")
+    return base, tmp_path / "small-adapter"
+
+
+def _with_negative_dims(base: Path, out: Path) -> Path:
+    """`base` plus a tensor whose shape [-1, -2] has a positive product (the old reader's check passed it)."""
+    import struct
+
+    raw = base.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    data = raw[8 + length:]
+    header["bad"] = {"dtype": "F32", "shape": [-1, -2], "data_offsets": [len(data), len(data) + 8]}
+    blob = json.dumps(header).encode()
+    out.write_bytes(struct.pack("<Q", len(blob)) + blob + data + bytes(8))
+    return out
+
+
+@pytest.mark.parametrize("command", ["merge", "unmerge"])
+def test_cast_that_overflows_is_refused(lrs, tmp_path, command):
+    """--dtype float16 on a base holding an untouched tensor beyond float16's range: one line, no inf written."""
+    base, adapter = _small_base_and_adapter(tmp_path)
+    out = tmp_path / "out"
+    res = lrs(command, adapter, base, out, "--dtype", "float16")
+    _assert_clean_failure(res, "tensor big.weight holds 1e+05, beyond the range of float16", tmp_path, out)
+    assert lrs(command, adapter, base, out, "--dtype", "bfloat16").code == 0
+    written = tensors(out)["big.weight"]
+    assert written.dtype == torch.bfloat16 and torch.isfinite(written).all() and written[1] < -9e4
 
 
 def _assert_clean_failure(res, expected: str, tmp_path: Path, out: Path) -> None:

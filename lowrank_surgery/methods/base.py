@@ -116,6 +116,11 @@ class Method:
         """The W with merge(W) = merged (`out` as in `merge`)."""
         return self._shift(merged.float(), params, path, -1.0, out)
 
+    def unmerge_error(self, error: torch.Tensor, params: Params) -> torch.Tensor:
+        """An entrywise bound on how far unmerge's result moves when its input moves by at most `error` (entrywise,
+        non-negative): as far as its input here, unmerge being W' − ΔW with ΔW independent of W'."""
+        return error
+
     def _shift(self, w: torch.Tensor, params: Params, path: str, sign: float, out: torch.Tensor | None) -> torch.Tensor:
         """w ± ΔW; when ΔW is the pair's s·B·A (delta not overridden), one fused addmm with no ΔW temporary."""
         pair = self.pair(params, shape=tuple(w.shape)) if type(self).delta is Method.delta else None

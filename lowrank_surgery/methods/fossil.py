@@ -146,6 +146,15 @@ class Fossil(Method):
         w = torch.linalg.solve(affine[:, None], shifted, left=False).permute(0, 2, 1, 3)
         return w.reshape(merged.shape)
 
+    def unmerge_error(self, error: torch.Tensor, params: Params) -> torch.Tensor:
+        """bat: unmerge maps every block row e of its input through (I + D_b)⁻¹, so |e|·|(I + D_b)⁻¹| bounds
+        how far it moves the result (the inverse's entries are large where I + D_b is ill-conditioned)."""
+        if self.variant != "bat":
+            return error
+        block = params[BLOCK].to(error)
+        inverse = torch.linalg.inv(torch.eye(block.shape[-1], dtype=block.dtype, device=block.device) + block)
+        return _blockwise(error, inverse.abs()).reshape(error.shape)
+
     # ------------------------------------------------------------------ training
     def forward(self, layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
         """The fold kernel (balance/mini, never builds ΔW) or the block-affine kernel (bat)."""
@@ -185,7 +194,7 @@ class Fossil(Method):
             "layers_pattern": None,
             "bias": "none",
             "modules_to_save": None,
-            "lrs": c.lrs_block(),
+            "lrs": {**c.lrs_block(), "fan_in_fan_out": c.fan_in_fan_out},  # MiSS has no field for it
         }
 
     @classmethod
@@ -203,6 +212,7 @@ class Fossil(Method):
             method=cls.name, r=r, alpha=float(lrs.get("alpha", r)),
             target_modules=_as_list(data.get("target_modules")),
             dropout=float(data.get("miss_dropout") or 0.0),
+            fan_in_fan_out=lrs.get("fan_in_fan_out") if lrs else False,  # PEFT's MiSS adapts nn.Linear only
             options=options, base_model=data.get("base_model_name_or_path"),
             provenance=provenance_from_lrs(lrs),
         )
@@ -214,8 +224,11 @@ def _blocks(weight: torch.Tensor, r: int) -> torch.Tensor:
     return weight.reshape(out // r, r, inp // r, r)
 
 
+def _blockwise(weight: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    """W_{b,c}·M_b for every r×r block of W (out × in), one M_b per block row (out/r × r × r): (out/r, r, in/r, r)."""
+    return torch.einsum("bpcq,bqs->bpcs", _blocks(weight, mats.shape[-1]), mats)
+
+
 def _bat_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """W_{b,c}·D_b + D_b for every block: ΔW of bat, in the dtype of its inputs."""
-    blocks = _blocks(weight, block.shape[-1])
-    delta = torch.einsum("bpcq,bqs->bpcs", blocks, block) + block[:, :, None, :]
-    return delta.reshape(weight.shape)
+    return (_blockwise(weight, block) + block[:, :, None, :]).reshape(weight.shape)

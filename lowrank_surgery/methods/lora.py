@@ -82,7 +82,7 @@ def config_from_lora_json(data: dict[str, Any], method: str) -> AdapterConfig:
         target_modules=_as_list(data.get("target_modules")),
         dropout=float(data.get("lora_dropout") or 0.0),
         rslora=bool(data.get("use_rslora", False)),
-        fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+        fan_in_fan_out=None if data.get("fan_in_fan_out") is None else bool(data["fan_in_fan_out"]),
         options=options_from_lrs(lrs),
         rank_pattern=dict(data.get("rank_pattern") or {}),
         alpha_pattern=dict(data.get("alpha_pattern") or {}),
@@ -97,7 +97,7 @@ def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-CORE_KEYS = {"method", "r", "alpha", "version"}
+CORE_KEYS = {"method", "r", "alpha", "version", "fan_in_fan_out"}
 PROVENANCE_KEYS = {"base", "base_revision", "base_hash", "subspace", "subspace_hash", "created_by", "init", "seed"}
 
 
