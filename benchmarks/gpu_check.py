@@ -2,8 +2,8 @@
 
     python benchmarks/gpu_check.py [--work runs/gpu-check] [--report gpu-check.json] [--quick]
 
-1. the test suite on the GPU (kernel tests then run the compiled Triton kernels, half precision included;
-   training tests run their steps through them);
+1. the kernel and training tests on the GPU (kernel tests then run the compiled Triton kernels, half precision
+   included; training tests run their steps through them; `--tests` picks others);
 2. bench_kernels.py: lrs vs PEFT LoRA and MiSS layers, forward+backward, bf16, Llama-7B shapes, r 8/16/64,
    dropout 0 and 0.1 (and bat with the Triton kernel forced, to check that `auto` is right to use torch);
 3. on the generated 1B Llama-shaped checkpoint, each with `--device cuda` against `--device cpu`:
@@ -39,11 +39,11 @@ def timed(run: Callable[[], object]) -> tuple[object, float]:
     return result, time.perf_counter() - start
 
 
-def run_tests(report: dict, work: Path) -> None:
+def run_tests(report: dict, tests: list[str]) -> None:
     """pytest on the GPU (the slow ahead-of-time compile test is for machines without one)."""
-    junit = work / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-    proc, seconds = timed(lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}  # the installed package, not the source folder it is mapped from
+    proc, seconds = timed(lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env))
     lines = proc.stdout.strip().splitlines()
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
     report["tests"] = {"returncode": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-2000:],
@@ -52,7 +52,7 @@ def run_tests(report: dict, work: Path) -> None:
 
 def run_bench(report: dict, work: Path, quick: bool) -> None:
     """bench_kernels.py as auto runs it, then bat with the Triton kernel forced."""
-    extra = ["--tokens", "4096", "--ranks", "16", "--reps", "5"] if quick else []
+    extra = ["--tokens", "4096", "--ranks", "16", "--reps", "5"] if quick else ["--tokens", "4096", "16384"]
     for name, args in (("auto", []), ("bat_triton", ["--methods", "bat", "--kernels", "triton"])):
         out = work / f"bench_{name}.json"
         proc = subprocess.run([sys.executable, str(HERE / "bench_kernels.py"), "--json", str(out), *args, *extra],
@@ -185,6 +185,7 @@ def main() -> int:
     parser.add_argument("--report", type=Path, default=Path("gpu-check.json"))
     parser.add_argument("--quick", action="store_true", help="fewer benchmark rows and a 4-layer checkpoint")
     parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "bench", "devices"])
+    parser.add_argument("--tests", nargs="*", default=["tests/test_kernels.py", "tests/test_train.py"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing was checked", file=sys.stderr)
@@ -194,7 +195,7 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "cuda": torch.version.cuda, "lrs_kernels": os.environ.get("LRS_KERNELS", "auto")}
-    parts = {"tests": lambda: run_tests(report, args.work), "bench": lambda: run_bench(report, args.work, args.quick),
+    parts = {"tests": lambda: run_tests(report, args.tests), "bench": lambda: run_bench(report, args.work, args.quick),
              "devices": lambda: run_devices(report, args.work, 4 if args.quick else 16)}
     for name, part in parts.items():
         if name in args.skip:
