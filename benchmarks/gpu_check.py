@@ -195,8 +195,9 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "cuda": torch.version.cuda, "lrs_kernels": os.environ.get("LRS_KERNELS", "auto")}
-    parts = {"tests": lambda: run_tests(report, args.tests), "bench": lambda: run_bench(report, args.work, args.quick),
-             "devices": lambda: run_devices(report, args.work, 4 if args.quick else 16)}
+    parts = {"bench": lambda: run_bench(report, args.work, args.quick),
+             "devices": lambda: run_devices(report, args.work, 4 if args.quick else 16),
+             "tests": lambda: run_tests(report, args.tests)}
     for name, part in parts.items():
         if name in args.skip:
             continue
