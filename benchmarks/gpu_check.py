@@ -47,7 +47,7 @@ def run_tests(report: dict, tests: list[str]) -> None:
     lines = proc.stdout.strip().splitlines()
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
     report["tests"] = {"returncode": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-2000:],
-                       "failures": failures[:50], "seconds": round(seconds, 1)}
+                       "failures": failures[:50], "output_tail": proc.stdout[-20000:], "seconds": round(seconds, 1)}
 
 
 def run_bench(report: dict, work: Path, quick: bool) -> None:

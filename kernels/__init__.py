@@ -3,27 +3,34 @@
 Weights come in nn.Linear layout (out, in), any strides; base weight and bias are treated as frozen.
 Everything is computed in x's dtype (autocast's when autocast is on) and returned in it.
 
-Why these kernels can beat PEFT, per layer, at Llama-7B shapes (bf16, T = 8192 tokens, in = out = 4096,
-r = 16; one T×4096 bf16 activation is 64 MiB, and at ~4 TB/s a pass over it (read or write) costs ~16 µs;
-the frozen base GEMMs x·Wᵀ and g·W, 2·T·in·out = 275 GFLOP each, ~0.35 ms each at ~790 TFLOP/s, are
-cuBLAS on both sides and set the floor of ~0.7 ms per layer, forward + backward):
+What each kernel saves against PEFT, per layer, at Llama-7B shapes (bf16, T = 16384 tokens, in = out = 4096,
+r = 16; one T×4096 bf16 activation is 128 MiB, and at ~4 TB/s a pass over it (a read or a write) costs ~32 µs;
+the frozen base GEMMs x·Wᵀ and g·W, 2·T·in·out = 550 GFLOP each, ~0.7 ms each at ~790 TFLOP/s, are cuBLAS
+on both sides and set a floor of ~1.4 ms per layer, forward + backward):
 
-- lowrank (LoRA, CoRA, PiSSA, CoLA): PEFT's forward materialises drop(x) (T×in written and read, plus a
-  saved mask), lora_B's output, its scaled copy and the sum with the base output: about 8 activation passes
-  beyond the GEMMs (~130 µs) and 3 kernel launches more. Ours draws the dropout inside the shrink kernel
-  (x read once, no mask stored: Philox redraws it in backward) and adds s·h·Bᵀ into the base output in place:
-  2 passes (~30 µs). Backward: PEFT multiplies by the mask and adds the two dx terms (T×in temporaries: ~6
-  passes, ~100 µs); ours accumulates s·(g·B)·A with the mask redrawn into cuBLAS's g·W in place (2 passes).
-  Expected: ~0.23 ms of ~0.95 ms saved at p > 0 (1.3x), ~0.1 ms at p = 0 (PEFT then skips dropout: ~1.1x).
-  Peak memory: no dropout copy of x and no saved mask (T×in bf16 + bool = 96 MiB per layer at p > 0).
-- fold (FOSSIL/MiSS balance, mini): PEFT pads x to a multiple of r (a T×in copy), sums the groups, and adds
-  fold(x)·D as a new T×out tensor; ours folds while reading x once and accumulates in place: ~4 passes saved
-  forward and 3 backward (~110 µs of ~0.8 ms, ~1.15x).
-- bat (FOSSIL/MiSS bat): W' = W(I + D) + D is needed whole by the backward (dD needs gᵀ·x, a full
-  out×in GEMM, on both sides), and the forward kernel rebuilds W' tiles per row block with r×r products
-  (r = 16 is too narrow for tensor cores to run near peak), where PEFT builds W' once (a 32 MiB write)
-  and calls cuBLAS. The arithmetic says the kernel cannot win, so `auto` uses torch for bat;
-  LRS_KERNELS=triton still runs it.
+- lowrank (LoRA, CoRA, PiSSA, CoLA): PEFT's forward writes drop(x) and a mask, lora_B's output, its scaled
+  copy and the sum with the base output (~8 activation passes, 3 launches beyond the GEMMs); ours draws the
+  dropout inside the shrink kernel (x read once, no mask kept: Philox redraws it in backward) and adds
+  s·h·Bᵀ into the base output in place (2 passes). Backward: PEFT masks and adds two T×in gradients (~6
+  passes); ours accumulates s·(g·B)·A, mask redrawn, into cuBLAS's g·W in place (2 passes). Expected:
+  ~0.35 ms of ~1.9 ms saved at p > 0 (1.2x), ~0.15 ms at p = 0 (1.1x), and no copy of x or mask kept.
+- fold (FOSSIL/MiSS balance, mini): PEFT pads x to a multiple of r (a T×in copy), sums the groups and adds
+  fold(x)·D as a new T×out tensor; ours folds while reading x once and accumulates in place (~4 passes saved
+  forward, 3 backward: ~1.15x).
+- bat (FOSSIL/MiSS bat): the backward needs W' = W(I + D) + D whole (dD needs gᵀ·x, a full out×in GEMM,
+  on both sides), and the forward kernel rebuilds W' tiles per row block with r×r products too narrow for
+  tensor cores to run near peak, where the torch path builds W' once (a 32 MiB write) and calls cuBLAS.
+
+Measured on an H200 (benchmarks/gpu_check.sh, bench_kernels rows at in/out 4096/4096, 4096/11008,
+11008/4096, r 8/16/64): the savings above are eaten by the kernels' own costs. Forward+backward against PEFT,
+geometric mean (range): lowrank p = 0: 1.02x (0.96-1.07) at 16384 tokens, 0.86x at 4096; p = 0.1: 0.84x and
+0.65x (redrawing Philox numbers for x three times costs more than PEFT's stored mask); fold p = 0: 1.00x
+(0.91-1.06) at 16384, 0.67x at 4096; p = 0.1: 0.89x and 0.58x. At 4096 tokens the rank-r shrink has too few
+row tiles to fill the GPU (64 programs for 132 SMs; split-K is the next step). Peak activation memory is
+0.39-0.68x PEFT's throughout. The bat kernel: 0.25x; the torch path: 1.48x (1.02-3.02x) PEFT's speed.
+So `auto` runs lowrank and fold through Triton only where that run measured parity or better, without
+dropout and from AUTO_MIN_ROWS tokens per call (there: same speed, half the memory), and torch elsewhere;
+LRS_KERNELS=triton runs every call through the kernels (about half the activation memory, up to 2x slower).
 
 The matmul behind lowrank and fold autotunes its block sizes on the first call per shape class (see
 matmul.py); a kernel that fails to build or launch falls back to torch (fallback.py).
@@ -47,7 +54,8 @@ __all__ = ["backend", "lowrank_linear", "fold_linear", "bat_linear", "lowrank_li
            "fold_linear_reference", "bat_linear_reference", "torch_dropout_mask", "triton_dropout_mask"]
 
 _CHOICES = ("auto", "triton", "torch")
-AUTO_TRITON = ("lowrank", "fold")  # what `auto` runs through Triton on CUDA (see the module docstring for bat)
+AUTO_TRITON = ("lowrank", "fold")  # what `auto` may run through Triton on CUDA (the module docstring says when)
+AUTO_MIN_ROWS = 16384
 
 
 @functools.cache
@@ -60,15 +68,19 @@ def _triton_importable() -> bool:
     return True
 
 
-def backend(device: torch.device, kernel: str = "lowrank") -> str:
-    """'triton' or 'torch' for `kernel` on `device`, as LRS_KERNELS asks (auto: AUTO_TRITON on CUDA)."""
+def backend(device: torch.device, kernel: str = "lowrank", rows: int = 0, dropout: float = 0.0) -> str:
+    """'triton' or 'torch' for a `kernel` call on `device` over `rows` tokens, as LRS_KERNELS asks.
+
+    auto: Triton for AUTO_TRITON on CUDA without dropout from AUTO_MIN_ROWS tokens (see the module docstring).
+    """
     choice = os.environ.get("LRS_KERNELS", "auto").strip().lower() or "auto"
     if choice not in _CHOICES:
         raise LrsError(f"LRS_KERNELS={choice!r}: expected one of {', '.join(_CHOICES)}")
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        wanted = device.type == "cuda" and kernel in AUTO_TRITON and (kernel, device.type) not in _BROKEN
+        wanted = (device.type == "cuda" and kernel in AUTO_TRITON and dropout == 0 and rows >= AUTO_MIN_ROWS
+                  and (kernel, device.type) not in _BROKEN)
         return "triton" if wanted and _triton_importable() else "torch"
     if not _triton_importable():
         raise LrsError("LRS_KERNELS=triton but triton cannot be imported; install triton or use LRS_KERNELS=torch")
@@ -127,7 +139,7 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B:
     """y = x Wᵀ + b + scale·(drop(x) Aᵀ) Bᵀ with A (R, in), B (out, R); dropout only on the adapter branch."""
     seed = _seed(dropout, seed)
     x, weight, bias, A, B = _prepare(x, weight, bias, A, B)
-    if backend(x.device, "lowrank") == "triton":
+    if backend(x.device, "lowrank", x.numel() // max(x.shape[-1], 1), dropout) == "triton":
         from .lowrank import LowRankLinear
 
         y = _apply("lowrank", LowRankLinear, x, weight, bias, A, B, float(scale), float(dropout), seed)
@@ -150,7 +162,7 @@ def fold_linear(x: Tensor, weight: Tensor, bias: Tensor | None, D: Tensor, r: in
     _check_fold(weight, D, r, mini_r)
     seed = _seed(dropout, seed)
     x, weight, bias, D = _prepare(x, weight, bias, D)
-    if backend(x.device, "fold") == "triton":
+    if backend(x.device, "fold", x.numel() // max(x.shape[-1], 1), dropout) == "triton":
         from .fold import FoldLinear
 
         y = _apply("fold", FoldLinear, x, weight, bias, D, r, mini_r, float(dropout), seed)

@@ -188,6 +188,9 @@ def _setup_distributed(device: str) -> Context:
         raise LrsError(f"--device must be auto, cpu or cuda, got {device!r}")
     if cuda and not torch.cuda.is_available():
         raise LrsError("--device cuda: no CUDA device is available")
+    if cuda and local >= torch.cuda.device_count():
+        raise LrsError(f"process {local} on this node needs its own GPU but {torch.cuda.device_count()} are visible: "
+                       "start at most that many processes per node (torchrun --nproc_per_node), or use --device cpu")
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")
     if world > 1:
         if cuda:

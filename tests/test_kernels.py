@@ -189,7 +189,8 @@ def test_backend_honours_lrs_kernels(monkeypatch):
     monkeypatch.setenv("LRS_KERNELS", "torch")
     assert kernels.backend(cuda) == "torch"
     monkeypatch.setenv("LRS_KERNELS", "auto")
-    assert (kernels.backend(cpu), kernels.backend(cuda)) == ("torch", "triton")
+    big = kernels.AUTO_MIN_ROWS
+    assert (kernels.backend(cpu, rows=big), kernels.backend(cuda, rows=big)) == ("torch", "triton")
     monkeypatch.delenv("LRS_KERNELS")
     assert kernels.backend(cpu) == "torch"
     monkeypatch.setenv("LRS_KERNELS", "triton")
@@ -369,10 +370,13 @@ def test_explicit_triton_raises_instead_of_falling_back(monkeypatch):
         kernels.lowrank_linear(x, rand(6, 8), None, A, B, 1.0)
 
 
-def test_auto_runs_bat_on_torch_even_on_cuda(monkeypatch):
+def test_auto_takes_triton_only_where_it_measured_no_slower(monkeypatch):
     monkeypatch.setenv("LRS_KERNELS", "auto")
-    cuda = torch.device("cuda")
-    assert [kernels.backend(cuda, k) for k in ("lowrank", "fold", "bat")] == ["triton", "triton", "torch"]
+    cuda, big = torch.device("cuda"), kernels.AUTO_MIN_ROWS
+    assert [kernels.backend(cuda, k, big) for k in ("lowrank", "fold", "bat")] == ["triton", "triton", "torch"]
+    assert kernels.backend(cuda, "lowrank", big - 1) == kernels.backend(cuda, "fold", big, 0.1) == "torch"
+    monkeypatch.setenv("LRS_KERNELS", "triton")
+    assert kernels.backend(cuda, "lowrank", 1, 0.1) == "triton"
 
 
 # ------------------------------------------------------------------ half precision on the torch path (CPU)

@@ -103,7 +103,8 @@ def test_bad_data_names_file_and_line(tmp_path, content, message):
 def test_training_lowers_eval_loss_and_writes_an_adapter(setup, tmp_path):
     out = tmp_path / "out"
     summary = train(setup["adapter"], setup["base"], setup["data"], out, steps=12, lr=2e-2, batch_size=6,
-                    grad_accum=2, seq_len=32, eval_data=setup["eval"], eval_every=6, save_every=6, warmup=3)
+                    grad_accum=2, seq_len=32, eval_data=setup["eval"], eval_every=6, save_every=6, warmup=3,
+                    device="cpu")  # the CPU evaluation below reproduces it exactly (CUDA trains in bf16 autocast)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 6, 12]
@@ -185,7 +186,7 @@ DDP_SCRIPT = """
 import sys
 from lowrank_surgery.train import train
 adapter, base, data, out = sys.argv[1:5]
-train(adapter, base, data, out, steps=3, lr=1e-2, batch_size=4, grad_accum=2, seq_len=32, save_every=10)
+train(adapter, base, data, out, steps=3, lr=1e-2, batch_size=4, grad_accum=2, seq_len=32, save_every=10, device="cpu")
 """
 
 
@@ -246,3 +247,11 @@ def test_cli_bad_input_is_one_line(lrs, setup, chat_models, tiny_models, tmp_pat
     assert res.code == 1 and "already exists" in res.stderr
     res = lrs("train", *base_args, "--out", tmp_path / "exists", "--resume")
     assert res.code == 1 and "holds no training checkpoint" in res.stderr
+
+
+def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(LrsError, match="1 are visible.*--nproc_per_node.*--device cpu"):
+        train_module._setup_distributed("auto")
