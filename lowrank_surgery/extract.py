@@ -33,6 +33,8 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
     check_output(out, force, inputs=(finetuned, base))
     if rank < 1:
         raise LrsError(f"--rank must be at least 1, got {rank}")
+    if niter < 0:
+        raise LrsError(f"--niter must be at least 0, got {niter}")
     start = time.perf_counter()
     ft, bs = Checkpoint(finetuned), Checkpoint(base)
     for ckpt in (ft, bs):  # before comparing layouts: fp8 checkpoints add scale tensors

@@ -31,7 +31,7 @@ from .checkpoint import (
     shard_names, write_index,
 )
 from .errors import LrsError
-from .initialize import linear_float32
+from .initialize import load_weight
 from .methods.base import Method, Params
 from .progress import progress
 from .targets import Target, find_targets, is_output_layer
@@ -144,7 +144,7 @@ def plan_jobs(ckpt: Checkpoint, adapter: Adapter, method: Method, from_base: boo
     if missing and not from_base:
         raise LrsError(f"adapter lacks {missing[0]}, which is recomputed from the original base: "
                        "unmerge needs an adapter that holds all its parameters")
-    method.complete(adapter.weights, lambda path: linear_float32(ckpt.get(jobs[path].source), jobs[path].target))
+    method.complete(adapter.weights, lambda path: load_weight(ckpt, jobs[path].target))
     for job in jobs.values():
         method.validate(job.target)
         method.check_fits(job.target, job.params)
@@ -308,7 +308,7 @@ def _scratch(key: str, nbytes: int) -> torch.Tensor:
 def _apply(ckpt: Checkpoint, job: Job, apply: Apply, dtype: torch.dtype, device: torch.device,
            bound: ErrorBound | None) -> torch.Tensor:
     """W (Linear layout, float32, on `device`) through the method, rounded once to the output dtype."""
-    stored = ckpt.get(job.source, buffer=_scratch("in", ckpt.info(job.source).nbytes)).to(device)
+    stored = ckpt.get_finite(job.source, buffer=_scratch("in", ckpt.info(job.source).nbytes)).to(device)
     weight = _float32(stored)
     weight = weight.T if job.target.conv1d else weight
     params = {n: p.to(device) for n, p in job.params.items()}

@@ -32,6 +32,7 @@ from .cards import adapter_card, read_metrics
 from .checkpoint import Checkpoint, atomic_output, check_output, load_tensors, resolve_model, save_tensors
 from .data import IGNORE, Dataset, collate, load_dataset, step_indices
 from .errors import LrsError
+from .initialize import check_seed
 
 STATE_DIR = ".trainer"  # hidden: `lrs push OUT` uploads the adapter, metrics and plot, not optimizer state
 METRICS = "metrics.jsonl"
@@ -80,7 +81,7 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
                 positive={"--steps": steps, "--epochs": epochs, "--lr": lr, "--batch-size": batch_size,
                           "--grad-accum": grad_accum, "--save-every": save_every, "--eval-every": eval_every,
                           "--max-grad-norm": max_grad_norm},
-                non_negative={"--warmup": warmup, "--weight-decay": weight_decay})
+                non_negative={"--warmup": warmup, "--weight-decay": weight_decay}, seed=seed)
     ctx = _setup_distributed(device)
     try:
         return _run(ctx, adapter, base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -140,8 +141,7 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
         loss, tokens = train_step(engine, batch, batch_size, pad_id, ctx)
         grad_norm = float(nn.utils.clip_grad_norm_(trainable, max_grad_norm))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            kept = f"{out} keeps the last good checkpoint (step {saved})" if saved else "no checkpoint was written"
-            raise LrsError(f"loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; stopped, {kept}")
+            raise LrsError(f"loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; stopped, {_kept(out, saved)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step + 1, "epoch": round((step + 1) * global_batch / len(train_set), 4), "loss": loss,
@@ -155,6 +155,9 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % save_every == 0 or step + 1 == total:
+            if not all(bool(torch.isfinite(p).all()) for p in trainable):  # a finite loss can precede them
+                raise LrsError(f"adapter parameters hold NaN or Inf after step {step + 1} (learning rate or weight "
+                               f"decay too large?); stopped, {_kept(out, saved)}")
             save(step + 1)
             saved = step + 1
     if bar is not None:
@@ -162,8 +165,13 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
     return summarize(out, records, train_set, eval_set, start, total, trainable, ctx, time.perf_counter() - began)
 
 
+def _kept(out: Path, saved: int) -> str:
+    """What a stopped run leaves in OUT."""
+    return f"{out} keeps the last good checkpoint (step {saved})" if saved else "no checkpoint was written"
+
+
 def _check_args(out: Path, resume: bool, force: bool, steps, epochs, inputs: Sequence[object],
-                positive: dict[str, float | None], non_negative: dict[str, float | None]) -> None:
+                positive: dict[str, float | None], non_negative: dict[str, float | None], seed: int) -> None:
     if resume and not (out / STATE_DIR / "state.json").is_file():
         raise LrsError(f"--resume: {out} holds no training checkpoint ({STATE_DIR}/state.json)")
     if not resume:
@@ -171,11 +179,12 @@ def _check_args(out: Path, resume: bool, force: bool, steps, epochs, inputs: Seq
     if steps is not None and epochs is not None:
         raise LrsError("give --steps or --epochs, not both")
     for name, value in positive.items():
-        if value is not None and not value > 0:  # `not >` also refuses nan
-            raise LrsError(f"{name} must be positive, got {value}")
+        if value is not None and not 0 < value < math.inf:  # also refuses nan
+            raise LrsError(f"{name} must be positive and finite, got {value}")
     for name, value in non_negative.items():
-        if value is not None and not value >= 0:
-            raise LrsError(f"{name} must be at least 0, got {value}")
+        if value is not None and not 0 <= value < math.inf:
+            raise LrsError(f"{name} must be at least 0 and finite, got {value}")
+    check_seed(seed)
 
 
 # ---------------------------------------------------------------------------- setup
