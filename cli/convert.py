@@ -9,7 +9,7 @@ import typer
 
 from ..convert import convert as convert_adapter
 from ..extract import extract_lora as extract
-from .base import app, print_json, say, table, warn
+from .base import COLA_STRATEGY, ColaStrategy, app, print_json, say, strategy_value, table, warn
 
 
 class Format(str, Enum):
@@ -36,10 +36,12 @@ def convert(
                                                         "(default: the adapter's r); lower ranks truncate."),
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Accept a truncated SVD where ΔW is not exact."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    cola_strategy: ColaStrategy = COLA_STRATEGY,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Convert an adapter to PEFT LoRA, PEFT MiSS, CoLA, kohya or mlx-lm, exactly where ΔW is low-rank."""
-    report = convert_adapter(adapter, out, to.value, base=base, rank=rank, allow_lossy=allow_lossy, force=force)
+    report = convert_adapter(adapter, out, to.value, base=base, rank=rank, allow_lossy=allow_lossy, force=force,
+                             cola_strategy=strategy_value(cola_strategy))
     for message in report["warnings"]:
         warn(message)
     if as_json:

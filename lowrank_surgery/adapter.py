@@ -126,8 +126,9 @@ def read_config(path: Path) -> dict:
     return read_json_object(config_path)
 
 
-def load_adapter(path: str | os.PathLike) -> Adapter:
-    """Read an adapter directory written by lrs, PEFT (LoRA, MiSS, Bone) or the original CoLA code."""
+def load_adapter(path: str | os.PathLike, cola_strategy: str | None = None) -> Adapter:
+    """Read an adapter directory written by lrs, PEFT (LoRA, MiSS, Bone) or the original CoLA code
+    (`cola_strategy`: the strategy it was trained with, which that code's config does not record)."""
     from .methods import method_from_json
 
     path = Path(path)
@@ -135,7 +136,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         raise LrsError(f"no such file or directory: {path}")
     config = read_config(path)
     try:
-        method = method_from_json(config)
+        method = method_from_json(config, cola_strategy)
     except (TypeError, ValueError) as exc:  # a field of the wrong type, e.g. "r": "four"
         raise LrsError(f"{path / CONFIG_NAME}: malformed field ({exc})") from None
     weights_path = path / WEIGHTS_NAME

@@ -80,21 +80,23 @@ class MergeReport:
 
 def merge(adapter: str | os.PathLike | Adapter, base: str | os.PathLike | Checkpoint, out: str | os.PathLike,
           dtype: str = "auto", max_shard_size: str | int | None = None, device: str = "auto", force: bool = False,
-          revision: str | None = None, allow_pickle: bool = False) -> MergeReport:
+          revision: str | None = None, allow_pickle: bool = False, cola_strategy: str | None = None) -> MergeReport:
     """Write base + ΔW (every module the adapter targets) as a full checkpoint in `out`."""
-    return _run("merge", adapter, base, out, dtype, max_shard_size, device, force, revision, allow_pickle)
+    return _run("merge", adapter, base, out, dtype, max_shard_size, device, force, revision, allow_pickle,
+                cola_strategy)
 
 
 def unmerge(adapter: str | os.PathLike | Adapter, merged: str | os.PathLike | Checkpoint, out: str | os.PathLike,
             dtype: str = "auto", max_shard_size: str | int | None = None, device: str = "auto", force: bool = False,
-            revision: str | None = None, allow_pickle: bool = False) -> MergeReport:
+            revision: str | None = None, allow_pickle: bool = False, cola_strategy: str | None = None) -> MergeReport:
     """Write the base that `merge` turned into `merged` (exact in float32; see the report's error_bound otherwise)."""
-    return _run("unmerge", adapter, merged, out, dtype, max_shard_size, device, force, revision, allow_pickle)
+    return _run("unmerge", adapter, merged, out, dtype, max_shard_size, device, force, revision, allow_pickle,
+                cola_strategy)
 
 
 def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.PathLike | Checkpoint,
          out: str | os.PathLike, dtype: str, max_shard_size: str | int | None, device: str, force: bool,
-         revision: str | None, allow_pickle: bool) -> MergeReport:
+         revision: str | None, allow_pickle: bool, cola_strategy: str | None) -> MergeReport:
     start = time.perf_counter()
     out = Path(out)
     check_output(out, force, inputs=(adapter, base))
@@ -102,7 +104,7 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     dev = _device(device)
     source = "(in memory)" if isinstance(adapter, Adapter) else os.fspath(adapter)
-    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, cola_strategy)
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle)
     if operation == "merge" and out_dtype is not None:
         ckpt.dequantize_fp8()  # fp8 weights with block scales are read as float32 and written plain in out_dtype

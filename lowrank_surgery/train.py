@@ -69,12 +69,13 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
           batch_size: int = 8, grad_accum: int = 1, seq_len: int = 512, eval_data: str | os.PathLike | None = None,
           eval_every: int = 100, save_every: int = 100, warmup: int | None = None, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0, grad_checkpointing: bool = False, packing: bool = False, resume: bool = False,
-          force: bool = False, seed: int = 0, device: str = "auto",
+          force: bool = False, seed: int = 0, device: str = "auto", cola_strategy: str | None = None,
           on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train the adapter's parameters on `data` and write the result to `out`; returns a summary.
 
     steps (optimizer steps) or epochs (default 1) set the length; the global batch is batch_size x grad_accum
-    examples whatever the number of processes. on_log receives every metrics record (rank 0 only).
+    examples whatever the number of processes. on_log receives every metrics record (rank 0 only). cola_strategy
+    declares the strategy of an original-code CoLA adapter (see load_adapter).
     """
     out = Path(out)
     _check_args(out, resume, force, steps, epochs, inputs=(adapter, base, data, eval_data),
@@ -87,7 +88,8 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
         return _run(ctx, adapter, base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                     grad_accum=grad_accum, seq_len=seq_len, eval_data=eval_data, eval_every=eval_every,
                     save_every=save_every, warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                    grad_checkpointing=grad_checkpointing, packing=packing, resume=resume, seed=seed, on_log=on_log)
+                    grad_checkpointing=grad_checkpointing, packing=packing, resume=resume, seed=seed,
+                    cola_strategy=cola_strategy, on_log=on_log)
     finally:
         if ctx.world > 1:
             torch.distributed.destroy_process_group()
@@ -95,7 +97,7 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
 
 def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, batch_size, grad_accum, seq_len,
          eval_data, eval_every, save_every, warmup, weight_decay, max_grad_norm, grad_checkpointing, packing,
-         resume, seed, on_log) -> dict[str, Any]:
+         resume, seed, cola_strategy, on_log) -> dict[str, Any]:
     if batch_size % ctx.world:
         raise LrsError(f"--batch-size {batch_size} must be a multiple of the number of processes ({ctx.world})")
     base_path = resolve_model(base).path
@@ -109,7 +111,10 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
                 "warmup": round(0.05 * total) if warmup is None else warmup, "weight_decay": weight_decay,
                 "max_grad_norm": max_grad_norm, "packing": packing, "seed": seed, "data": train_set.fingerprint}
 
-    start_adapter = load_adapter(out) if resume else (adapter if isinstance(adapter, Adapter) else load_adapter(adapter))
+    if isinstance(adapter, Adapter) and not resume:
+        start_adapter = adapter
+    else:
+        start_adapter = load_adapter(out if resume else adapter, cola_strategy)
     model = load_model(base_path, start_adapter, ctx, grad_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
