@@ -56,6 +56,9 @@ def _slot(name: str) -> str:
 def attach(model: nn.Module, adapter: Adapter) -> nn.Module:
     """Wrap every module the adapter targets (in place); base parameters are frozen. Returns the model."""
     method = adapter.method
+    if adapter.saved:
+        raise LrsError(f"attach does not take whole modules (modules_to_save: {', '.join(adapter.config.modules_to_save)}); "
+                       "use PEFT, or lrs merge")
     for p in model.parameters():
         p.requires_grad_(False)
     located = {path: _find_module(model, path) for path in adapter.weights}

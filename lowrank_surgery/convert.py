@@ -410,6 +410,9 @@ def convert(adapter_path: str | os.PathLike, out: str | os.PathLike, to: str, ba
     check_output(out, force, inputs=(adapter_path, base))
     ckpt = Checkpoint(base) if base is not None else None
     adapter, fmt, warnings = read_adapter(adapter_path, ckpt, cola_strategy)
+    if adapter.saved:
+        raise LrsError(f"{adapter_path} holds whole modules (modules_to_save: {', '.join(adapter.config.modules_to_save)})"
+                       f", which --to {to} cannot carry; PEFT and lrs merge read the adapter as it is")
     report: dict[str, Any] = {"source": str(adapter_path), "from": fmt, "method": adapter.config.method,
                               "to": to, "out": str(out), "warnings": warnings}
     config, rows = None, []

@@ -83,6 +83,7 @@ def inspect_adapter(path: Path, cola_strategy: str | None = None) -> dict[str, A
         "options": c.options,
         "base_model": c.base_model,
         "target_modules": c.target_modules,
+        "modules_to_save": c.modules_to_save,
         "modules": len(adapter.weights),
         "parameters": adapter.num_parameters(),
         "trainable_parameters": adapter.num_parameters(trainable_only=True),

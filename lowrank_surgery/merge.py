@@ -111,6 +111,7 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     ckpt.require_unquantized()  # any other quantized base, or fp8 without a --dtype to dequantize into
     method = adapter.method
     jobs = plan_jobs(ckpt, adapter, method, from_base=operation == "merge")
+    whole = whole_tensors(ckpt, adapter, jobs, operation)
     untied = [j.output for j in jobs.values() if j.target.output] if _unties(ckpt, jobs) else []
     copies = untied_copies(ckpt.config, ckpt.tensors.keys() | jobs.keys()) if untied else {}
     shards, names = plan_output(ckpt, jobs, out_dtype, limit, copies)
@@ -121,7 +122,7 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     apply = method.merge if operation == "merge" else method.unmerge
     bound = ErrorBound(method) if operation == "unmerge" else None
     with atomic_output(out, force) as tmp, _cpu_threads(dev):
-        _write_shards(ckpt, tmp, shards, names, jobs, copies, apply, dev, bound)
+        _write_shards(ckpt, tmp, shards, names, jobs, copies | whole, apply, dev, bound)
         if len(shards) > 1 or ckpt.is_sharded:
             write_index(tmp, shards, names)
         _write_side_files(ckpt, tmp, adapter, report, out_dtype)
@@ -151,6 +152,21 @@ def plan_jobs(ckpt: Checkpoint, adapter: Adapter, method: Method, from_base: boo
         method.validate(job.target)
         method.check_fits(job.target, job.params)
     return {job.output: job for job in jobs.values()}
+
+
+def whole_tensors(ckpt: Checkpoint, adapter: Adapter, jobs: dict[str, Job], operation: str) -> dict[str, torch.Tensor]:
+    """The tensors the adapter holds whole (PEFT modules_to_save), which replace the base's, checked to fit."""
+    if adapter.saved and operation == "unmerge":
+        raise LrsError(f"the adapter holds whole modules ({', '.join(adapter.config.modules_to_save)}) that replace "
+                       "the base's: unmerge cannot recover the values they replaced")
+    for name, tensor in adapter.saved.items():
+        info = ckpt.tensors.get(name)
+        if name in jobs or info is None or info.shape != tuple(tensor.shape):
+            found = "a tensor the adapter also changes by ΔW" if name in jobs else \
+                "absent" if info is None else f"of shape {list(info.shape)}"
+            raise LrsError(f"adapter does not fit the base: it holds {name} whole, {list(tensor.shape)}, but in "
+                           f"{ckpt.source.id} that is {found}")
+    return adapter.saved
 
 
 def _job(ckpt: Checkpoint, linear: dict[str, Target], path: str, params: Params) -> Job:
@@ -248,16 +264,17 @@ Apply = Callable[..., torch.Tensor]  # Method.merge or Method.unmerge: (W, param
 
 
 def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str],
-                  jobs: dict[str, Job], copies: dict[str, str], apply: Apply, device: torch.device,
+                  jobs: dict[str, Job], copies: dict[str, str | torch.Tensor], apply: Apply, device: torch.device,
                   bound: ErrorBound | None) -> None:
     """Every output tensor is produced and written in place by a few worker threads (reads, torch ops and
-    positioned writes release the GIL), so only one tensor per worker is ever in memory. `copies` names the
-    base tensor an output tensor the base lacks is copied from."""
+    positioned writes release the GIL), so only one tensor per worker is ever in memory. `copies` gives an
+    output tensor's source other than the base tensor of its name: another base tensor (one the base lacks),
+    or the adapter's whole tensor that replaces it (modules_to_save)."""
     writers = {file: SafetensorsWriter(tmp / file, shard) for file, shard in zip(names, shards)}
     items = [(writers[file], t, copies.get(t.name, t.name)) for file, shard in zip(names, shards) for t in shard]
     failed = threading.Event()  # the first error stops the workers from starting further tensors
 
-    def produce(writer: SafetensorsWriter, t: PlannedTensor, source: str) -> None:
+    def produce(writer: SafetensorsWriter, t: PlannedTensor, source: str | torch.Tensor) -> None:
         if failed.is_set():
             return
         try:
@@ -278,11 +295,14 @@ def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[Planned
         writer.close()
 
 
-def _produce(writer: SafetensorsWriter, ckpt: Checkpoint, t: PlannedTensor, source: str, job: Job | None,
-             apply: Apply, device: torch.device, bound: ErrorBound | None) -> None:
-    """Write one output tensor: computed, cast, or the bytes of base tensor `source` copied as they are."""
+def _produce(writer: SafetensorsWriter, ckpt: Checkpoint, t: PlannedTensor, source: str | torch.Tensor,
+             job: Job | None, apply: Apply, device: torch.device, bound: ErrorBound | None) -> None:
+    """Write one output tensor: computed, an adapter's whole tensor, or base tensor `source` cast or copied."""
     if job is not None:
         writer.write(t.name, _apply(ckpt, job, apply, t.dtype, device, bound))
+        return
+    if isinstance(source, torch.Tensor):
+        writer.write(t.name, source.to(t.dtype))
         return
     info = ckpt.info(source)
     if t.dtype != info.dtype:
