@@ -116,14 +116,22 @@ def other_changes(ft: Checkpoint, bs: Checkpoint, chosen: Sequence[Target]) -> l
     targeted = {t.source for t in chosen}
     changes = []
     for name, info in bs.tensors.items():
-        if name in targeted or not info.dtype.is_floating_point:
+        if name in targeted or not info.dtype.is_floating_point or _same_bytes(ft.raw(name), bs.raw(name)):
             continue
-        before = bs.get_finite(name).double()
-        diff = ft.get_finite(name).double() - before
+        before = bs.get_finite(name).float()
+        diff = ft.get_finite(name).float() - before
         if diff.any():
-            squared, scale = float(diff.square().sum()), float(before.norm())
+            squared = float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
+            scale = float(torch.linalg.vector_norm(before, dtype=torch.float64))
             changes.append(Change(name, squared, math.sqrt(squared) / scale if scale else math.inf))
     return changes
+
+
+def _same_bytes(a: bytes | torch.Tensor, b: bytes | torch.Tensor) -> bool:
+    """Identical stored tensors (most of them, in a fine-tune), known without decoding them."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 def _dropped_warning(dropped: Sequence[Change]) -> str:
