@@ -257,6 +257,7 @@ def load_subspace(path: str | os.PathLike, revision: str | None = None) -> Subsp
     """Read a subspace directory (local or a Hub repo id)."""
     source = resolve_model(path, revision)
     info = read_subspace_info(source.path, source.id)
+    _check_fields(info, source.path / INFO_NAME)
     bases_path = source.path / BASES_NAME
     bases = {k[: -len(".basis")]: check_finite(t, k, source.id).float()
              for k, t in load_tensors(bases_path).items() if k.endswith(".basis")}
@@ -271,12 +272,16 @@ def read_subspace_info(directory: Path, name: str | None = None) -> dict[str, An
     info = read_json_object(info_path)
     if info.get("format") != FORMAT or info.get("scope") not in SCOPES:
         raise LrsError(f"{info_path}: not an {FORMAT} file")
+    return info
+
+
+def _check_fields(info: dict[str, Any], info_path: Path) -> None:
+    """The fields CoRA computes with (inspect and push only show the others)."""
     rank, targets = info.get("rank"), info.get("targets")
     if type(rank) is not int or rank < 1:
         raise LrsError(f"{info_path}: 'rank' must be a positive integer, got {rank!r}")
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise LrsError(f"{info_path}: 'targets' must be a non-empty list of module names, got {targets!r}")
-    return info
 
 
 def _file_hash(path: Path) -> str:
