@@ -91,8 +91,10 @@ class Adapter:
         return list(self.weights)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
+        """Every stored number (whole modules_to_save tensors included), or those that train."""
         frozen = self.method.frozen if trainable_only else set()
-        return sum(t.numel() for params in self.weights.values() for n, t in params.items() if n not in frozen)
+        whole = 0 if trainable_only else sum(t.numel() for t in self.saved.values())
+        return whole + sum(t.numel() for params in self.weights.values() for n, t in params.items() if n not in frozen)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """PEFT-layout keys: base_model.model.<module path>.<param>, and base_model.model.<tensor> for the whole

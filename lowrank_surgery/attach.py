@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
+from .checkpoint import check_finite
 from .errors import LrsError
 from .initialize import linear_float32
 from .methods import Method
@@ -63,7 +64,8 @@ def attach(model: nn.Module, adapter: Adapter) -> nn.Module:
         p.requires_grad_(False)
     located = {path: _find_module(model, path) for path in adapter.weights}
     targets = {path: module_target(path, module) for path, (_, _, module) in located.items()}
-    method.complete(adapter.weights, lambda path: linear_float32(located[path][2].weight.detach(), targets[path]))
+    method.complete(adapter.weights, lambda path: linear_float32(
+        check_finite(located[path][2].weight.detach(), f"{path}.weight", "the model"), targets[path]))
     for path, params in adapter.weights.items():
         parent, child_name, module = located[path]
         target = targets[path]

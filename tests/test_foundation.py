@@ -333,6 +333,15 @@ def test_nonfinite_weight_is_named_in_one_line(lrs, poisoned, tmp_path, case):
     assert res.stderr.count("\n") == 1 and not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_attach_refuses_a_nonfinite_weight_it_decomposes(poisoned):
+    """attach recomputes missing PiSSA factors from the live model's weights: the same refusal as on disk."""
+    adapter = lrs.init_adapter("pissa", poisoned["llama"], r=2, targets="q_proj")
+    for params in adapter.weights.values():
+        del params["pissa_A0.weight"], params["pissa_B0.weight"]
+    with pytest.raises(LrsError, match=f"tensor {POISONED} in the model holds NaN or Inf"):
+        lrs.attach(load_causal_lm(poisoned["nan"]), adapter)
+
+
 def test_bad_usage_exits_2(lrs):
     assert lrs("init", "--method", "nonsense").code == 2
 
