@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .adapter import Adapter, AdapterConfig, save_adapter
+from .architecture import layout
 from .checkpoint import Checkpoint, check_output
 from .errors import LrsError, warn
 from .initialize import load_weight
@@ -84,6 +85,9 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
     config.provenance = {"base": bs.source.id, "base_revision": bs.source.revision, "base_hash": bs.fingerprint(),
                          "created_by": "extract-lora"}
     saved = {name: ft.get_finite(name) for name in ft.tensors if name.rpartition(".")[0] in kept}
+    for group in _tied_groups(bs, saved):
+        warn(f"{group[0]} is tied to {', '.join(group[1:])} in this architecture: PEFT keeps its modules_to_save copy "
+             f"apart from the tied weight, so PEFT will not reproduce the fine-tuned model (lrs merge does)")
     save_adapter(Adapter(config, weights, saved), out, force=force)
     energies = [row["energy"] for row in rows]
     return {"finetuned": ft.source.id, "base": bs.source.id, "out": str(out), "rank": rank, "algorithm": algorithm,
@@ -109,6 +113,13 @@ def modules_to_save(base: Checkpoint, chosen: Sequence[Target], names: Sequence[
                            f"(leave it out of --targets to keep it whole)")
         kept |= found
     return kept
+
+
+def _tied_groups(base: Checkpoint, saved: dict[str, torch.Tensor]) -> list[tuple[str, ...]]:
+    """The groups of tied weights (saved one first) in which the adapter holds one tensor whole."""
+    found = layout(base.config)
+    groups = found.tied if found is not None else ()
+    return [(name, *(n for n in group if n != name)) for group in groups for name in group if name in saved]
 
 
 def other_changes(ft: Checkpoint, bs: Checkpoint, chosen: Sequence[Target]) -> list[Change]:

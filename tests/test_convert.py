@@ -265,6 +265,26 @@ def test_extract_lora_save_module_keeps_only_the_named(lrs, llama, finetuned, tm
     assert set(ls.load_adapter(tmp_path / "out").saved) == {"model.norm.weight"}
 
 
+def test_extract_lora_warns_that_peft_unties_a_saved_tied_embedding(lrs, tiny_models, tmp_path):
+    """qwen2 ties lm_head to embed_tokens: PEFT's modules_to_save copy breaks the tie, lrs merge keeps it."""
+    base, ft = tiny_models["qwen2"], tmp_path / "ft"
+    shutil.copytree(base, ft)
+    gen = torch.Generator().manual_seed(3)
+    for shard in ft.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if name == "model.embed_tokens.weight" or name == "model.layers.0.self_attn.q_proj.weight":
+                tensors[name] = t + torch.outer(torch.randn(t.shape[0], generator=gen), torch.randn(t.shape[1], generator=gen))
+        save_file(tensors, shard, metadata={"format": "pt"})
+    res = lrs("extract-lora", ft, base, tmp_path / "out", "--rank", 1, "--save-changed")
+    assert res.code == 0 and res.stderr.startswith("warning: model.embed_tokens.weight is tied to lm_head.weight"), res.stderr
+    assert lrs("merge", tmp_path / "out", base, tmp_path / "merged").code == 0
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_causal_lm(tmp_path / "merged")(input_ids=ids).logits,
+                                   load_causal_lm(ft)(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
 BAD_EXTRACT = {  # expected message: command line but OUT (placed third, or after the adapter for convert)
     "--niter must be at least 0, got -1": lambda f: ["extract-lora", f["ft"], f["llama"], "--rank", "2",
                                                      "--algorithm", "randomized", "--niter", "-1"],
