@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
 from .. import progress
-from ..errors import LrsError
+from ..errors import LrsError, LrsWarning
 from . import adapters, convert, inspect, merge, push, subspace, train  # noqa: F401  (commands register themselves on import)
-from .base import STATE, app
+from .base import STATE, app, warn
 
 GLOBAL_FLAGS = ("--debug", "--quiet")
 
@@ -30,13 +31,27 @@ def main(argv: list[str] | None = None) -> None:
         args = [a for a in args if a != flag]
     progress.QUIET = STATE["quiet"]
     try:
-        app(args=args, prog_name="lrs")
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            warnings.simplefilter("always", LrsWarning)
+            warnings.showwarning = _show_warning
+            app(args=args, prog_name="lrs")
     except LrsError as exc:
         _fail(exc, str(exc))
     except OSError as exc:
         _fail(exc, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
     except KeyboardInterrupt as exc:
         _fail(exc, "interrupted; nothing was written", code=130)
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """lrs's own warnings as one `warning:` line; anyone else's as Python shows them."""
+    if issubclass(category, LrsWarning):
+        warn(str(message))
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def _fail(exc: BaseException, message: str, code: int = 1) -> None:

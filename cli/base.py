@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from typing import Any
 
 import typer
+
+from lowrank_surgery.methods.cola import STRATEGIES
 
 app = typer.Typer(
     name="lrs",
@@ -18,6 +21,14 @@ app = typer.Typer(
 )
 
 STATE = {"quiet": False, "debug": False}
+
+ColaStrategy = Enum("ColaStrategy", {name: name for name in STRATEGIES}, type=str)
+COLA_STRATEGY = typer.Option(None, "--cola-strategy", help="The strategy an original-code CoLA adapter was trained "
+                                                            "with (its config does not say; default fully, with a warning).")
+
+
+def strategy_value(strategy: ColaStrategy | None) -> str | None:
+    return None if strategy is None else strategy.value
 
 
 def say(message: str) -> None:

@@ -9,7 +9,7 @@ import typer
 
 from ..convert import convert as convert_adapter
 from ..extract import extract_lora as extract
-from .base import app, print_json, say, table, warn
+from .base import COLA_STRATEGY, ColaStrategy, app, print_json, say, strategy_value, table, warn
 
 
 class Format(str, Enum):
@@ -36,10 +36,12 @@ def convert(
                                                         "(default: the adapter's r); lower ranks truncate."),
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Accept a truncated SVD where ΔW is not exact."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    cola_strategy: ColaStrategy = COLA_STRATEGY,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Convert an adapter to PEFT LoRA, PEFT MiSS, CoLA, kohya or mlx-lm, exactly where ΔW is low-rank."""
-    report = convert_adapter(adapter, out, to.value, base=base, rank=rank, allow_lossy=allow_lossy, force=force)
+    report = convert_adapter(adapter, out, to.value, base=base, rank=rank, allow_lossy=allow_lossy, force=force,
+                             cola_strategy=strategy_value(cola_strategy))
     for message in report["warnings"]:
         warn(message)
     if as_json:
@@ -63,16 +65,23 @@ def extract_lora(
     algorithm: Algorithm = typer.Option(Algorithm.exact, "--algorithm", help="Truncated SVD algorithm."),
     niter: int = typer.Option(4, "--niter", help="Power iterations of the randomized SVD."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    save_module: list[str] = typer.Option([], "--save-module", help="Keep this module's changed tensors whole (PEFT "
+                                                                    "modules_to_save); repeatable."),
+    save_changed: bool = typer.Option(False, "--save-changed", help="Keep every changed tensor a LoRA cannot hold "
+                                                                    "(norms, embeddings, ...) whole."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Extract a LoRA from the difference of two checkpoints, with the energy it retains per module."""
     report = extract(finetuned, base, out, rank, targets=targets, algorithm=algorithm.value, niter=niter,
-                     device=device, force=force)
+                     device=device, force=force, save_modules=save_module, save_changed=save_changed)
     if as_json:
         print_json(report)
         return
     rows = [row | {"energy": f"{row['energy']:.4f}", "error": f"{row['error']:.3e}"} for row in report["per_module"]]
     say(table(rows, ["module", "shape", "energy", "error"]))
     say(f"wrote rank-{rank} LoRA to {out}: {report['modules']} modules ({report['unchanged']} unchanged left out), "
-        f"retained energy min {report['min_energy']:.4f}, mean {report['mean_energy']:.4f}")
+        f"retained energy min {report['min_energy']:.4f}, mean {report['mean_energy']:.4f}; "
+        f"{report['total_energy']:.4f} of the whole change")
+    if report["modules_to_save"]:
+        say(f"kept whole (modules_to_save): {', '.join(report['modules_to_save'])}")

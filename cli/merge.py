@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..merge import MergeReport, merge as merge_adapter, unmerge as unmerge_adapter
-from .base import app, print_json, say
+from .base import COLA_STRATEGY, ColaStrategy, app, print_json, say, strategy_value
 
 
 class Dtype(str, Enum):
@@ -39,11 +39,13 @@ def merge(
     base: str = typer.Argument(..., help="Base model: local directory, .safetensors file or Hub id."),
     out: Path = typer.Argument(..., help="Directory for the merged checkpoint."),
     dtype: Dtype = DTYPE, max_shard_size: str = SHARD, device: Device = DEVICE, force: bool = FORCE,
-    revision: str = REVISION, allow_pickle: bool = PICKLE, as_json: bool = JSON,
+    revision: str = REVISION, allow_pickle: bool = PICKLE, cola_strategy: ColaStrategy = COLA_STRATEGY,
+    as_json: bool = JSON,
 ) -> None:
     """Fold an adapter into its base: a full checkpoint with W + ΔW, streamed shard by shard."""
     report = merge_adapter(adapter, base, out, dtype=dtype.value, max_shard_size=max_shard_size, device=device.value,
-                           force=force, revision=revision, allow_pickle=allow_pickle)
+                           force=force, revision=revision, allow_pickle=allow_pickle,
+                           cola_strategy=strategy_value(cola_strategy))
     _print(report, as_json)
 
 
@@ -53,11 +55,13 @@ def unmerge(
     merged: str = typer.Argument(..., help="Merged checkpoint: local directory, .safetensors file or Hub id."),
     out: Path = typer.Argument(..., help="Directory for the recovered base checkpoint."),
     dtype: Dtype = DTYPE, max_shard_size: str = SHARD, device: Device = DEVICE, force: bool = FORCE,
-    revision: str = REVISION, allow_pickle: bool = PICKLE, as_json: bool = JSON,
+    revision: str = REVISION, allow_pickle: bool = PICKLE, cola_strategy: ColaStrategy = COLA_STRATEGY,
+    as_json: bool = JSON,
 ) -> None:
     """Take a merged adapter back out: W = W' − ΔW (the method's exact inverse), with its rounding bound."""
     report = unmerge_adapter(adapter, merged, out, dtype=dtype.value, max_shard_size=max_shard_size,
-                             device=device.value, force=force, revision=revision, allow_pickle=allow_pickle)
+                             device=device.value, force=force, revision=revision, allow_pickle=allow_pickle,
+                             cola_strategy=strategy_value(cola_strategy))
     _print(report, as_json)
 
 

@@ -9,7 +9,7 @@ import typer
 
 from .. import progress
 from ..train import train as train_adapter
-from .base import STATE, app, print_json, say
+from .base import COLA_STRATEGY, STATE, ColaStrategy, app, print_json, say, strategy_value
 
 
 @app.command(epilog="Example: lrs train lora-adapter --base ./SmolLM2-135M --data train.jsonl --out trained "
@@ -38,6 +38,7 @@ def train(
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order and dropout."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    cola_strategy: ColaStrategy = COLA_STRATEGY,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Train an adapter (any method) with AdamW, warmup + cosine, accumulation, clipping and checkpoints."""
@@ -46,7 +47,8 @@ def train(
                             grad_accum=grad_accum, seq_len=seq_len, eval_data=eval_data, eval_every=eval_every,
                             save_every=save_every, warmup=warmup, weight_decay=weight_decay,
                             max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, packing=packing,
-                            resume=resume, force=force, seed=seed, device=device, on_log=log)
+                            resume=resume, force=force, seed=seed, device=device,
+                            cola_strategy=strategy_value(cola_strategy), on_log=log)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
         return
     if as_json:

@@ -13,7 +13,7 @@ from .adapter import Adapter, AdapterConfig, load_adapter, save_adapter
 from .attach import AdapterLayer, attach, detach, trained_weights
 from .checkpoint import Checkpoint, resolve_model
 from .convert import convert as convert_adapter
-from .errors import LrsError
+from .errors import LrsError, LrsWarning
 from .extract import extract_lora
 from .hub import push as push_to_hub
 from .initialize import init_adapter
@@ -25,7 +25,7 @@ from .targets import Target, select_targets
 from .train import train as train_adapter
 
 __all__ = [
-    "Adapter", "AdapterConfig", "AdapterLayer", "Checkpoint", "LrsError", "METHODS", "Target", "attach",
+    "Adapter", "AdapterConfig", "AdapterLayer", "Checkpoint", "LrsError", "LrsWarning", "METHODS", "Target", "attach",
     "convert_adapter", "detach", "extract_lora", "extract_subspace", "get_method", "init_adapter", "inspect_path",
     "load_adapter", "merge_adapter", "push_to_hub", "resolve_model", "save_adapter", "select_targets",
     "trained_weights", "train_adapter", "unmerge_adapter",

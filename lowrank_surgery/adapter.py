@@ -48,6 +48,7 @@ class AdapterConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     base_model: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)  # PEFT's: modules the adapter holds whole
 
     def rank(self, path: str) -> int:
         return _lookup(self.rank_pattern, path, self.r)
@@ -77,6 +78,7 @@ class Adapter:
 
     config: AdapterConfig
     weights: dict[str, dict[str, torch.Tensor]]
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)  # whole tensors of modules_to_save, by checkpoint name
 
     @property
     def method(self) -> Method:
@@ -89,13 +91,17 @@ class Adapter:
         return list(self.weights)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
+        """Every stored number (whole modules_to_save tensors included), or those that train."""
         frozen = self.method.frozen if trainable_only else set()
-        return sum(t.numel() for params in self.weights.values() for n, t in params.items() if n not in frozen)
+        whole = 0 if trainable_only else sum(t.numel() for t in self.saved.values())
+        return whole + sum(t.numel() for params in self.weights.values() for n, t in params.items() if n not in frozen)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """PEFT-layout keys: base_model.model.<module path>.<param>."""
-        return {f"{KEY_PREFIX}{path}.{name}": t.contiguous() for path, params in self.weights.items()
-                for name, t in params.items()}
+        """PEFT-layout keys: base_model.model.<module path>.<param>, and base_model.model.<tensor> for the whole
+        tensors of modules_to_save (as PEFT's get_peft_model_state_dict saves them)."""
+        low_rank = {f"{KEY_PREFIX}{path}.{name}": t.contiguous() for path, params in self.weights.items()
+                    for name, t in params.items()}
+        return low_rank | {f"{KEY_PREFIX}{name}": t.contiguous() for name, t in self.saved.items()}
 
 
 def save_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False, card: str | None = None) -> Path:
@@ -126,8 +132,9 @@ def read_config(path: Path) -> dict:
     return read_json_object(config_path)
 
 
-def load_adapter(path: str | os.PathLike) -> Adapter:
-    """Read an adapter directory written by lrs, PEFT (LoRA, MiSS, Bone) or the original CoLA code."""
+def load_adapter(path: str | os.PathLike, cola_strategy: str | None = None) -> Adapter:
+    """Read an adapter directory written by lrs, PEFT (LoRA, MiSS, Bone) or the original CoLA code
+    (`cola_strategy`: the strategy it was trained with, which that code's config does not record)."""
     from .methods import method_from_json
 
     path = Path(path)
@@ -135,7 +142,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         raise LrsError(f"no such file or directory: {path}")
     config = read_config(path)
     try:
-        method = method_from_json(config)
+        method = method_from_json(config, cola_strategy)
     except (TypeError, ValueError) as exc:  # a field of the wrong type, e.g. "r": "four"
         raise LrsError(f"{path / CONFIG_NAME}: malformed field ({exc})") from None
     weights_path = path / WEIGHTS_NAME
@@ -143,10 +150,25 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         if (path / "adapter_model.bin").is_file():
             raise LrsError(f"{path} holds a pickled adapter_model.bin; convert it to safetensors first")
         raise LrsError(f"{path}: no {WEIGHTS_NAME}")
-    weights = method.split_keys(load_tensors(weights_path))
-    adapter = Adapter(method.config, weights)
+    saved, low_rank = split_saved(load_tensors(weights_path), method.config.modules_to_save)
+    adapter = Adapter(method.config, method.split_keys(low_rank), saved)
     method.check_weights(adapter.weights)
     return adapter
+
+
+def split_saved(tensors: dict[str, torch.Tensor], modules: list[str]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(whole tensors of modules_to_save by checkpoint name, the other keys): a module matches an entry as PEFT
+    matches them, by its path ending in it."""
+    saved, rest = {}, {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(KEY_PREFIX)
+        module = name.rpartition(".")[0]
+        if any(module == m or module.endswith("." + m) for m in modules):
+            saved[name] = tensor
+        else:
+            rest[key] = tensor
+    return saved, rest
 
 
 def split_key(key: str, param_names: tuple[str, ...]) -> tuple[str, str] | None:

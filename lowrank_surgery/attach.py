@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
+from .checkpoint import check_finite
 from .errors import LrsError
 from .initialize import linear_float32
 from .methods import Method
@@ -56,11 +57,15 @@ def _slot(name: str) -> str:
 def attach(model: nn.Module, adapter: Adapter) -> nn.Module:
     """Wrap every module the adapter targets (in place); base parameters are frozen. Returns the model."""
     method = adapter.method
+    if adapter.saved:
+        raise LrsError(f"attach does not take whole modules (modules_to_save: {', '.join(adapter.config.modules_to_save)}); "
+                       "use PEFT, or lrs merge")
     for p in model.parameters():
         p.requires_grad_(False)
     located = {path: _find_module(model, path) for path in adapter.weights}
     targets = {path: module_target(path, module) for path, (_, _, module) in located.items()}
-    method.complete(adapter.weights, lambda path: linear_float32(located[path][2].weight.detach(), targets[path]))
+    method.complete(adapter.weights, lambda path: linear_float32(
+        check_finite(located[path][2].weight.detach(), f"{path}.weight", "the model"), targets[path]))
     for path, params in adapter.weights.items():
         parent, child_name, module = located[path]
         target = targets[path]

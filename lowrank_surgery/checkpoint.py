@@ -309,6 +309,10 @@ class Checkpoint:
         self.config = {k: v for k, v in self.config.items() if k != "quantization_config"}
         self.quantization = None
 
+    def get_finite(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """`get` for maths: a weight holding NaN or Inf is refused in one line naming it."""
+        return check_finite(self.get(name, buffer), name, self.source.id)
+
     def raw(self, name: str) -> bytes | torch.Tensor:
         """The tensor's stored bytes (a tensor for pickled shards), for copying without decoding."""
         info = self.info(name)
@@ -336,6 +340,16 @@ class Checkpoint:
         for info in self.tensors.values():
             h.update(f"{info.name}:{info.dtype}:{info.shape}:{info.nbytes};".encode())
         return h.hexdigest()[:16]
+
+
+def check_finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    """The tensor, after refusing NaN or Inf in it: an SVD, a Gram or W ± ΔW of it would be garbage or crash.
+    One reduction (aminmax propagates NaN and shows ±Inf), no temporary of the tensor's size."""
+    if tensor.is_floating_point() and tensor.element_size() > 1 and tensor.numel():  # float8 has no aminmax
+        low, high = torch.aminmax(tensor)
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+            raise LrsError(f"tensor {name} in {where} holds NaN or Inf values; lrs cannot compute with it")
+    return tensor
 
 
 # --------------------------------------------------------------------------------------------- writing

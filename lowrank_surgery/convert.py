@@ -98,11 +98,14 @@ def _key_layout(keys, file: Path, expected: str) -> None:
                        f"(expected only {expected} keys)")
 
 
-def read_adapter(path: str | os.PathLike, base: Checkpoint | None = None) -> tuple[Adapter, str, list[str]]:
+def read_adapter(path: str | os.PathLike, base: Checkpoint | None = None, cola_strategy: str | None = None
+                 ) -> tuple[Adapter, str, list[str]]:
     """Any adapter lrs reads, as (adapter, format, warnings); kohya names resolve against `base`."""
     fmt = detect_format(path)
     if fmt == "peft":
-        return load_adapter(path), fmt, []
+        return load_adapter(path, cola_strategy), fmt, []
+    if cola_strategy is not None:
+        raise LrsError(f"--cola-strategy applies to CoLA adapters, but {path} is a {fmt} LoRA")
     if fmt == "mlx":
         return read_mlx(Path(path), base), fmt, []
     return (*read_kohya(_single_safetensors(Path(path)), base),)  # type: ignore[return-value]
@@ -396,7 +399,8 @@ def _layer_key(path: str) -> tuple[int | None, str]:
 
 
 def convert(adapter_path: str | os.PathLike, out: str | os.PathLike, to: str, base: str | os.PathLike | None = None,
-            rank: int | None = None, allow_lossy: bool = False, force: bool = False) -> dict[str, Any]:
+            rank: int | None = None, allow_lossy: bool = False, force: bool = False,
+            cola_strategy: str | None = None) -> dict[str, Any]:
     """Convert any adapter lrs reads to `to` (peft-lora, peft-miss, kohya, mlx, cola); returns a report."""
     if to not in FORMATS:
         raise LrsError(f"unknown format {to!r} (known: {', '.join(FORMATS)})")
@@ -405,7 +409,10 @@ def convert(adapter_path: str | os.PathLike, out: str | os.PathLike, to: str, ba
     out = Path(out)
     check_output(out, force, inputs=(adapter_path, base))
     ckpt = Checkpoint(base) if base is not None else None
-    adapter, fmt, warnings = read_adapter(adapter_path, ckpt)
+    adapter, fmt, warnings = read_adapter(adapter_path, ckpt, cola_strategy)
+    if adapter.saved:
+        raise LrsError(f"{adapter_path} holds whole modules (modules_to_save: {', '.join(adapter.config.modules_to_save)})"
+                       f", which --to {to} cannot carry; PEFT and lrs merge read the adapter as it is")
     report: dict[str, Any] = {"source": str(adapter_path), "from": fmt, "method": adapter.config.method,
                               "to": to, "out": str(out), "warnings": warnings}
     config, rows = None, []

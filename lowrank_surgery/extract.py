@@ -4,6 +4,10 @@ Shard by shard, D = W_ft − W_base for every target; same-shape differences go 
 truncated SVD; B = U_r·diag(S_r), A = Vh_r, α = r (s = 1), so s·B·A is the best rank-r approximation
 of D. The retained energy Σ_{i≤r}σ_i² / ‖D‖_F² is reported per module; modules that did not change
 are left out of the adapter.
+
+A LoRA only holds linear weights: changes to anything else (norms, embeddings, biases, an untargeted lm_head)
+are reported, with their share in the total retained energy, and warned about unless kept whole as PEFT
+`modules_to_save` (`--save-changed`, `--save-module NAME`, mergekit's habit), which PEFT and `lrs merge` apply.
 """
 
 from __future__ import annotations
@@ -11,28 +15,48 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .adapter import Adapter, AdapterConfig, save_adapter
+from .architecture import layout
 from .checkpoint import Checkpoint, check_output
-from .errors import LrsError
+from .errors import LrsError, warn
 from .initialize import load_weight
 from .methods import get_method
 from .progress import progress
 from .targets import Target, compact_names, select_targets
 
 
+@dataclass(frozen=True)
+class Change:
+    """A changed tensor outside the LoRA targets: ‖ΔT‖² and ‖ΔT‖ / ‖T_base‖."""
+
+    name: str
+    squared: float
+    relative: float
+
+    @property
+    def module(self) -> str:
+        return self.name.rpartition(".")[0]
+
+
 def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, rank: int,
                  targets: str = "all-linear", algorithm: str = "exact", niter: int = 4, device: str = "auto",
-                 force: bool = False) -> dict[str, Any]:
-    """Write a PEFT LoRA approximating FINETUNED − BASE at rank r; returns a report with per-module energy."""
+                 force: bool = False, save_modules: Sequence[str] = (), save_changed: bool = False) -> dict[str, Any]:
+    """Write a PEFT LoRA approximating FINETUNED − BASE at rank r; returns a report with per-module energy.
+    Changed tensors outside the targets are kept whole (PEFT modules_to_save) for the modules `save_modules`
+    names, or all of them with `save_changed`; the others are reported as dropped."""
     out = Path(out)
     check_output(out, force, inputs=(finetuned, base))
     if rank < 1:
         raise LrsError(f"--rank must be at least 1, got {rank}")
+    if niter < 0:
+        raise LrsError(f"--niter must be at least 0, got {niter}")
     start = time.perf_counter()
     ft, bs = Checkpoint(finetuned), Checkpoint(base)
     for ckpt in (ft, bs):  # before comparing layouts: fp8 checkpoints add scale tensors
@@ -43,21 +67,97 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
                            fan_in_fan_out=any(t.conv1d for t in chosen), base_model=bs.source.id)
     for t in chosen:
         get_method(config).validate(t)
+    kept = modules_to_save(bs, chosen, save_modules)
     weights, rows = _extract(ft, bs, chosen, rank, algorithm, niter, device)
     if not weights:
         raise LrsError(f"{ft.source.id} and {bs.source.id} have identical weights in every targeted module")
+    changes = other_changes(ft, bs, chosen)
+    if save_changed:
+        kept |= {c.module for c in changes} - {t.path for t in chosen}
+    dropped = [c for c in changes if c.module not in kept]
+    if dropped:
+        warn(_dropped_warning(dropped))
     changed = [t for t in chosen if t.path in weights]
     config.target_modules = compact_names(changed, bs)
+    config.modules_to_save = sorted(kept)
     config.options = {"extracted_from": ft.source.id, "algorithm": algorithm,
                       "energy": {row["module"]: row["energy"] for row in rows}}
     config.provenance = {"base": bs.source.id, "base_revision": bs.source.revision, "base_hash": bs.fingerprint(),
                          "created_by": "extract-lora"}
-    save_adapter(Adapter(config, weights), out, force=force)
+    saved = {name: ft.get_finite(name) for name in ft.tensors if name.rpartition(".")[0] in kept}
+    for group in _tied_groups(bs, saved):
+        warn(f"{group[0]} is tied to {', '.join(group[1:])} in this architecture: PEFT keeps its modules_to_save copy "
+             f"apart from the tied weight, so PEFT will not reproduce the fine-tuned model (lrs merge does)")
+    save_adapter(Adapter(config, weights, saved), out, force=force)
     energies = [row["energy"] for row in rows]
     return {"finetuned": ft.source.id, "base": bs.source.id, "out": str(out), "rank": rank, "algorithm": algorithm,
             "modules": len(weights), "unchanged": len(chosen) - len(weights),
             "min_energy": min(energies), "mean_energy": sum(energies) / len(energies),
+            "total_energy": _total_energy(rows, changes, dropped), "modules_to_save": config.modules_to_save,
+            "dropped": {"tensors": [c.name for c in dropped],
+                        "max_relative_change": max((c.relative for c in dropped), default=0.0)},
             "seconds": round(time.perf_counter() - start, 3), "per_module": rows}
+
+
+def modules_to_save(base: Checkpoint, chosen: Sequence[Target], names: Sequence[str]) -> set[str]:
+    """The module paths that `--save-module NAME`s give (a path or its dotted suffix), outside the LoRA targets."""
+    targeted = {t.path for t in chosen}
+    modules = {name.rpartition(".")[0] for name in base.tensors}
+    kept = set()
+    for name in names:
+        found = {m for m in modules if m == name or m.endswith("." + name)}
+        if not found:
+            raise LrsError(f"--save-module {name} matches no module of {base.source.id}")
+        if found & targeted:
+            raise LrsError(f"--save-module {name} names {sorted(found & targeted)[0]}, a module the LoRA targets "
+                           f"(leave it out of --targets to keep it whole)")
+        kept |= found
+    return kept
+
+
+def _tied_groups(base: Checkpoint, saved: dict[str, torch.Tensor]) -> list[tuple[str, ...]]:
+    """The groups of tied weights (saved one first) in which the adapter holds one tensor whole."""
+    found = layout(base.config)
+    groups = found.tied if found is not None else ()
+    return [(name, *(n for n in group if n != name)) for group in groups for name in group if name in saved]
+
+
+def other_changes(ft: Checkpoint, bs: Checkpoint, chosen: Sequence[Target]) -> list[Change]:
+    """Every floating-point tensor outside the targeted weights that differs between the checkpoints."""
+    targeted = {t.source for t in chosen}
+    changes = []
+    for name, info in bs.tensors.items():
+        if name in targeted or not info.dtype.is_floating_point or _same_bytes(ft.raw(name), bs.raw(name)):
+            continue
+        before = bs.get_finite(name).float()
+        diff = ft.get_finite(name).float() - before
+        if diff.any():
+            squared = float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
+            scale = float(torch.linalg.vector_norm(before, dtype=torch.float64))
+            changes.append(Change(name, squared, math.sqrt(squared) / scale if scale else math.inf))
+    return changes
+
+
+def _same_bytes(a: bytes | torch.Tensor, b: bytes | torch.Tensor) -> bool:
+    """Identical stored tensors (most of them, in a fine-tune), known without decoding them."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
+def _dropped_warning(dropped: Sequence[Change]) -> str:
+    worst = max(dropped, key=lambda c: c.relative)
+    names = ", ".join(c.name for c in dropped[:3]) + (", …" if len(dropped) > 3 else "")
+    return (f"{len(dropped)} changed tensor(s) that are not targeted linear weights are not in the LoRA ({names}; "
+            f"largest relative change {worst.relative:.3g} in {worst.name}): pass --save-changed, or "
+            f"--save-module NAME, to keep them whole")
+
+
+def _total_energy(rows: Sequence[dict[str, Any]], changes: Sequence[Change], dropped: Sequence[Change]) -> float:
+    """The share of the whole change Σ‖ΔT‖² (every tensor) that the adapter reproduces."""
+    total = sum(row["squared"] for row in rows) + sum(c.squared for c in changes)
+    lost = sum((1.0 - row["energy"]) * row["squared"] for row in rows) + sum(c.squared for c in dropped)
+    return 1.0 - lost / total if total else 1.0
 
 
 def check_same_layout(ft: Checkpoint, base: Checkpoint) -> None:
@@ -89,7 +189,8 @@ def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rank: int, al
         svds = truncated_svd([d for _, d in diffs], rank, algorithm=algorithm, niter=niter, device=device)
         for (t, d), (u, s, vh) in zip(diffs, svds):
             weights[t.path] = {"lora_A.weight": vh.contiguous(), "lora_B.weight": (u * s).contiguous()}
-            energy = min(1.0, float(s.double().square().sum() / d.double().square().sum()))
+            squared = float(d.double().square().sum())
+            energy = min(1.0, float(s.double().square().sum()) / squared)
             rows.append({"module": t.path, "shape": f"{t.out_features}x{t.in_features}", "energy": energy,
-                         "error": math.sqrt(1.0 - energy)})
+                         "error": math.sqrt(1.0 - energy), "squared": squared})
     return weights, rows

@@ -34,6 +34,7 @@ def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 
         raise LrsError(f"--dropout must be in [0, 1), got {dropout}")
     if alpha is not None and not (math.isfinite(alpha) and alpha != 0):
         raise LrsError(f"--alpha must be a finite nonzero number, got {alpha}")
+    check_seed(seed)
     cls = METHODS[method]
     unknown = sorted(set(options or {}) - set(cls.defaults))
     if unknown:
@@ -61,6 +62,15 @@ def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 
     return Adapter(impl.config, weights)
 
 
+SEED_LIMIT = 2**32  # numpy's range; leaves room for the per-layer and per-epoch offsets added to it
+
+
+def check_seed(seed: int) -> None:
+    """Seeds must fit torch's generators, offsets included."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise LrsError(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {seed}")
+
+
 def _batches(ckpt: Checkpoint, targets: list[Target], with_weights: bool
              ) -> Iterator[tuple[list[Target], list[torch.Tensor] | None]]:
     """All targets at once, or shard by shard with their float32 weights when the method reads W."""
@@ -75,8 +85,8 @@ def _batches(ckpt: Checkpoint, targets: list[Target], with_weights: bool
 
 
 def load_weight(ckpt: Checkpoint, target: Target) -> torch.Tensor:
-    """A target's weight in nn.Linear layout (out × in), float32."""
-    return linear_float32(ckpt.get(target.source), target)
+    """A target's weight in nn.Linear layout (out × in), float32; NaN or Inf refused."""
+    return linear_float32(ckpt.get_finite(target.source), target)
 
 
 def linear_float32(stored: torch.Tensor, target: Target) -> torch.Tensor:

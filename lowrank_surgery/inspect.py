@@ -15,15 +15,17 @@ from .subspace import read_subspace_info
 from .targets import kinds, linear_targets
 
 
-def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
+def inspect_path(path: str | os.PathLike, cola_strategy: str | None = None) -> dict[str, Any]:
     """Describe PATH as a dict with a `kind` key: checkpoint, adapter or subspace."""
     p = Path(path)
     if not p.exists():
         raise LrsError(f"no such file or directory: {p}")
+    if _is_adapter(p) and not (p.is_dir() and (p / "subspace.json").is_file()):
+        return inspect_adapter(p, cola_strategy)
+    if cola_strategy is not None:
+        raise LrsError(f"--cola-strategy applies to CoLA adapters, but {p} is not an adapter")
     if p.is_dir() and (p / "subspace.json").is_file():
         return read_subspace_info(p) | {"kind": "subspace", "path": str(p)}
-    if _is_adapter(p):
-        return inspect_adapter(p)
     return inspect_checkpoint(p)
 
 
@@ -65,8 +67,8 @@ def _shape_of(targets, kind: str) -> str:
     return f"{count} x ({', '.join(shapes)})"
 
 
-def inspect_adapter(path: Path) -> dict[str, Any]:
-    adapter, fmt, _ = read_adapter(path)
+def inspect_adapter(path: Path, cola_strategy: str | None = None) -> dict[str, Any]:
+    adapter, fmt, _ = read_adapter(path, cola_strategy=cola_strategy)
     c = adapter.config
     return {
         "kind": "adapter",
@@ -81,6 +83,7 @@ def inspect_adapter(path: Path) -> dict[str, Any]:
         "options": c.options,
         "base_model": c.base_model,
         "target_modules": c.target_modules,
+        "modules_to_save": c.modules_to_save,
         "modules": len(adapter.weights),
         "parameters": adapter.num_parameters(),
         "trainable_parameters": adapter.num_parameters(trainable_only=True),

@@ -31,7 +31,7 @@ from .checkpoint import (
     shard_names, write_index,
 )
 from .errors import LrsError
-from .initialize import linear_float32
+from .initialize import load_weight
 from .methods.base import Method, Params
 from .progress import progress
 from .targets import Target, find_targets, is_output_layer
@@ -80,21 +80,23 @@ class MergeReport:
 
 def merge(adapter: str | os.PathLike | Adapter, base: str | os.PathLike | Checkpoint, out: str | os.PathLike,
           dtype: str = "auto", max_shard_size: str | int | None = None, device: str = "auto", force: bool = False,
-          revision: str | None = None, allow_pickle: bool = False) -> MergeReport:
+          revision: str | None = None, allow_pickle: bool = False, cola_strategy: str | None = None) -> MergeReport:
     """Write base + ΔW (every module the adapter targets) as a full checkpoint in `out`."""
-    return _run("merge", adapter, base, out, dtype, max_shard_size, device, force, revision, allow_pickle)
+    return _run("merge", adapter, base, out, dtype, max_shard_size, device, force, revision, allow_pickle,
+                cola_strategy)
 
 
 def unmerge(adapter: str | os.PathLike | Adapter, merged: str | os.PathLike | Checkpoint, out: str | os.PathLike,
             dtype: str = "auto", max_shard_size: str | int | None = None, device: str = "auto", force: bool = False,
-            revision: str | None = None, allow_pickle: bool = False) -> MergeReport:
+            revision: str | None = None, allow_pickle: bool = False, cola_strategy: str | None = None) -> MergeReport:
     """Write the base that `merge` turned into `merged` (exact in float32; see the report's error_bound otherwise)."""
-    return _run("unmerge", adapter, merged, out, dtype, max_shard_size, device, force, revision, allow_pickle)
+    return _run("unmerge", adapter, merged, out, dtype, max_shard_size, device, force, revision, allow_pickle,
+                cola_strategy)
 
 
 def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.PathLike | Checkpoint,
          out: str | os.PathLike, dtype: str, max_shard_size: str | int | None, device: str, force: bool,
-         revision: str | None, allow_pickle: bool) -> MergeReport:
+         revision: str | None, allow_pickle: bool, cola_strategy: str | None) -> MergeReport:
     start = time.perf_counter()
     out = Path(out)
     check_output(out, force, inputs=(adapter, base))
@@ -102,13 +104,14 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     dev = _device(device)
     source = "(in memory)" if isinstance(adapter, Adapter) else os.fspath(adapter)
-    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, cola_strategy)
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle)
     if operation == "merge" and out_dtype is not None:
         ckpt.dequantize_fp8()  # fp8 weights with block scales are read as float32 and written plain in out_dtype
     ckpt.require_unquantized()  # any other quantized base, or fp8 without a --dtype to dequantize into
     method = adapter.method
     jobs = plan_jobs(ckpt, adapter, method, from_base=operation == "merge")
+    whole = whole_tensors(ckpt, adapter, jobs, operation)
     untied = [j.output for j in jobs.values() if j.target.output] if _unties(ckpt, jobs) else []
     copies = untied_copies(ckpt.config, ckpt.tensors.keys() | jobs.keys()) if untied else {}
     shards, names = plan_output(ckpt, jobs, out_dtype, limit, copies)
@@ -119,7 +122,7 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     apply = method.merge if operation == "merge" else method.unmerge
     bound = ErrorBound(method) if operation == "unmerge" else None
     with atomic_output(out, force) as tmp, _cpu_threads(dev):
-        _write_shards(ckpt, tmp, shards, names, jobs, copies, apply, dev, bound)
+        _write_shards(ckpt, tmp, shards, names, jobs, copies | whole, apply, dev, bound)
         if len(shards) > 1 or ckpt.is_sharded:
             write_index(tmp, shards, names)
         _write_side_files(ckpt, tmp, adapter, report, out_dtype)
@@ -144,11 +147,26 @@ def plan_jobs(ckpt: Checkpoint, adapter: Adapter, method: Method, from_base: boo
     if missing and not from_base:
         raise LrsError(f"adapter lacks {missing[0]}, which is recomputed from the original base: "
                        "unmerge needs an adapter that holds all its parameters")
-    method.complete(adapter.weights, lambda path: linear_float32(ckpt.get(jobs[path].source), jobs[path].target))
+    method.complete(adapter.weights, lambda path: load_weight(ckpt, jobs[path].target))
     for job in jobs.values():
         method.validate(job.target)
         method.check_fits(job.target, job.params)
     return {job.output: job for job in jobs.values()}
+
+
+def whole_tensors(ckpt: Checkpoint, adapter: Adapter, jobs: dict[str, Job], operation: str) -> dict[str, torch.Tensor]:
+    """The tensors the adapter holds whole (PEFT modules_to_save), which replace the base's, checked to fit."""
+    if adapter.saved and operation == "unmerge":
+        raise LrsError(f"the adapter holds whole modules ({', '.join(adapter.config.modules_to_save)}) that replace "
+                       "the base's: unmerge cannot recover the values they replaced")
+    for name, tensor in adapter.saved.items():
+        info = ckpt.tensors.get(name)
+        if name in jobs or info is None or info.shape != tuple(tensor.shape):
+            found = "a tensor the adapter also changes by ΔW" if name in jobs else \
+                "absent" if info is None else f"of shape {list(info.shape)}"
+            raise LrsError(f"adapter does not fit the base: it holds {name} whole, {list(tensor.shape)}, but in "
+                           f"{ckpt.source.id} that is {found}")
+    return adapter.saved
 
 
 def _job(ckpt: Checkpoint, linear: dict[str, Target], path: str, params: Params) -> Job:
@@ -246,16 +264,17 @@ Apply = Callable[..., torch.Tensor]  # Method.merge or Method.unmerge: (W, param
 
 
 def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str],
-                  jobs: dict[str, Job], copies: dict[str, str], apply: Apply, device: torch.device,
+                  jobs: dict[str, Job], copies: dict[str, str | torch.Tensor], apply: Apply, device: torch.device,
                   bound: ErrorBound | None) -> None:
     """Every output tensor is produced and written in place by a few worker threads (reads, torch ops and
-    positioned writes release the GIL), so only one tensor per worker is ever in memory. `copies` names the
-    base tensor an output tensor the base lacks is copied from."""
+    positioned writes release the GIL), so only one tensor per worker is ever in memory. `copies` gives an
+    output tensor's source other than the base tensor of its name: another base tensor (one the base lacks),
+    or the adapter's whole tensor that replaces it (modules_to_save)."""
     writers = {file: SafetensorsWriter(tmp / file, shard) for file, shard in zip(names, shards)}
     items = [(writers[file], t, copies.get(t.name, t.name)) for file, shard in zip(names, shards) for t in shard]
     failed = threading.Event()  # the first error stops the workers from starting further tensors
 
-    def produce(writer: SafetensorsWriter, t: PlannedTensor, source: str) -> None:
+    def produce(writer: SafetensorsWriter, t: PlannedTensor, source: str | torch.Tensor) -> None:
         if failed.is_set():
             return
         try:
@@ -276,11 +295,14 @@ def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[Planned
         writer.close()
 
 
-def _produce(writer: SafetensorsWriter, ckpt: Checkpoint, t: PlannedTensor, source: str, job: Job | None,
-             apply: Apply, device: torch.device, bound: ErrorBound | None) -> None:
-    """Write one output tensor: computed, cast, or the bytes of base tensor `source` copied as they are."""
+def _produce(writer: SafetensorsWriter, ckpt: Checkpoint, t: PlannedTensor, source: str | torch.Tensor,
+             job: Job | None, apply: Apply, device: torch.device, bound: ErrorBound | None) -> None:
+    """Write one output tensor: computed, an adapter's whole tensor, or base tensor `source` cast or copied."""
     if job is not None:
         writer.write(t.name, _apply(ckpt, job, apply, t.dtype, device, bound))
+        return
+    if isinstance(source, torch.Tensor):
+        writer.write(t.name, source.to(t.dtype))
         return
     info = ckpt.info(source)
     if t.dtype != info.dtype:
@@ -308,7 +330,7 @@ def _scratch(key: str, nbytes: int) -> torch.Tensor:
 def _apply(ckpt: Checkpoint, job: Job, apply: Apply, dtype: torch.dtype, device: torch.device,
            bound: ErrorBound | None) -> torch.Tensor:
     """W (Linear layout, float32, on `device`) through the method, rounded once to the output dtype."""
-    stored = ckpt.get(job.source, buffer=_scratch("in", ckpt.info(job.source).nbytes)).to(device)
+    stored = ckpt.get_finite(job.source, buffer=_scratch("in", ckpt.info(job.source).nbytes)).to(device)
     weight = _float32(stored)
     weight = weight.T if job.target.conv1d else weight
     params = {n: p.to(device) for n, p in job.params.items()}

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import torch
 
 from .adapter import package_version
-from .checkpoint import (Checkpoint, atomic_output, check_output, load_tensors, read_json_object, resolve_model,
-                         save_tensors)
+from .checkpoint import (Checkpoint, atomic_output, check_finite, check_output, load_tensors, read_json_object,
+                         resolve_model, save_tensors)
 from .errors import LrsError
 from .initialize import linear_float32
 from .progress import progress
@@ -182,6 +182,7 @@ def _solve(ckpts: Sequence[Checkpoint], chosen: Sequence[Target], groups: Sequen
     stored = read_ahead(reads, lambda key: ckpts[key[0]].get(targets[key[1]].source))
     for key, w in progress(zip(reads, stored), "extract-subspace", total=len(reads), unit="matrix"):
         name = owner[key].name
+        check_finite(w, targets[key[1]].source, ckpts[key[0]].source.id)  # here: the reading thread only reads
         pending[name].add(linear_float32(w, targets[key[1]]))
         left[name] -= 1
         if not left[name]:
@@ -243,6 +244,9 @@ class Subspace:
             raise LrsError(f"subspace {self.id} has no basis for {target.path} (scope {self.scope}, "
                            f"looked for {name!r}; it has {', '.join(list(self.bases)[:4])}{', …' if len(self.bases) > 4 else ''})")
         u = self.bases[name]
+        if u.shape[1] < self.info["rank"]:
+            raise LrsError(f"subspace {self.id} is corrupt: basis {name} has {u.shape[1]} columns but its "
+                           f"{INFO_NAME} says rank {self.info['rank']}")
         if u.shape[0] != target.out_features:
             raise LrsError(f"subspace {self.id} does not fit the base: basis {name} has {u.shape[0]} rows but "
                            f"{target.path} has {target.out_features} output features ({_dims(target.shape)})")
@@ -253,8 +257,10 @@ def load_subspace(path: str | os.PathLike, revision: str | None = None) -> Subsp
     """Read a subspace directory (local or a Hub repo id)."""
     source = resolve_model(path, revision)
     info = read_subspace_info(source.path, source.id)
+    _check_fields(info, source.path / INFO_NAME)
     bases_path = source.path / BASES_NAME
-    bases = {k[: -len(".basis")]: t.float() for k, t in load_tensors(bases_path).items() if k.endswith(".basis")}
+    bases = {k[: -len(".basis")]: check_finite(t, k, source.id).float()
+             for k, t in load_tensors(bases_path).items() if k.endswith(".basis")}
     return Subspace(info, bases, source.id, source.revision, _file_hash(bases_path))
 
 
@@ -267,6 +273,15 @@ def read_subspace_info(directory: Path, name: str | None = None) -> dict[str, An
     if info.get("format") != FORMAT or info.get("scope") not in SCOPES:
         raise LrsError(f"{info_path}: not an {FORMAT} file")
     return info
+
+
+def _check_fields(info: dict[str, Any], info_path: Path) -> None:
+    """The fields CoRA computes with (inspect and push only show the others)."""
+    rank, targets = info.get("rank"), info.get("targets")
+    if type(rank) is not int or rank < 1:
+        raise LrsError(f"{info_path}: 'rank' must be a positive integer, got {rank!r}")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise LrsError(f"{info_path}: 'targets' must be a non-empty list of module names, got {targets!r}")
 
 
 def _file_hash(path: Path) -> str:

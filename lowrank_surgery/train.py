@@ -32,6 +32,7 @@ from .cards import adapter_card, read_metrics
 from .checkpoint import Checkpoint, atomic_output, check_output, load_tensors, resolve_model, save_tensors
 from .data import IGNORE, Dataset, collate, load_dataset, step_indices
 from .errors import LrsError
+from .initialize import check_seed
 
 STATE_DIR = ".trainer"  # hidden: `lrs push OUT` uploads the adapter, metrics and plot, not optimizer state
 METRICS = "metrics.jsonl"
@@ -68,25 +69,27 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
           batch_size: int = 8, grad_accum: int = 1, seq_len: int = 512, eval_data: str | os.PathLike | None = None,
           eval_every: int = 100, save_every: int = 100, warmup: int | None = None, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0, grad_checkpointing: bool = False, packing: bool = False, resume: bool = False,
-          force: bool = False, seed: int = 0, device: str = "auto",
+          force: bool = False, seed: int = 0, device: str = "auto", cola_strategy: str | None = None,
           on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train the adapter's parameters on `data` and write the result to `out`; returns a summary.
 
     steps (optimizer steps) or epochs (default 1) set the length; the global batch is batch_size x grad_accum
-    examples whatever the number of processes. on_log receives every metrics record (rank 0 only).
+    examples whatever the number of processes. on_log receives every metrics record (rank 0 only). cola_strategy
+    declares the strategy of an original-code CoLA adapter (see load_adapter).
     """
     out = Path(out)
     _check_args(out, resume, force, steps, epochs, inputs=(adapter, base, data, eval_data),
                 positive={"--steps": steps, "--epochs": epochs, "--lr": lr, "--batch-size": batch_size,
                           "--grad-accum": grad_accum, "--save-every": save_every, "--eval-every": eval_every,
                           "--max-grad-norm": max_grad_norm},
-                non_negative={"--warmup": warmup, "--weight-decay": weight_decay})
+                non_negative={"--warmup": warmup, "--weight-decay": weight_decay}, seed=seed)
     ctx = _setup_distributed(device)
     try:
         return _run(ctx, adapter, base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                     grad_accum=grad_accum, seq_len=seq_len, eval_data=eval_data, eval_every=eval_every,
                     save_every=save_every, warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                    grad_checkpointing=grad_checkpointing, packing=packing, resume=resume, seed=seed, on_log=on_log)
+                    grad_checkpointing=grad_checkpointing, packing=packing, resume=resume, seed=seed,
+                    cola_strategy=cola_strategy, on_log=on_log)
     finally:
         if ctx.world > 1:
             torch.distributed.destroy_process_group()
@@ -94,7 +97,7 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
 
 def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, batch_size, grad_accum, seq_len,
          eval_data, eval_every, save_every, warmup, weight_decay, max_grad_norm, grad_checkpointing, packing,
-         resume, seed, on_log) -> dict[str, Any]:
+         resume, seed, cola_strategy, on_log) -> dict[str, Any]:
     if batch_size % ctx.world:
         raise LrsError(f"--batch-size {batch_size} must be a multiple of the number of processes ({ctx.world})")
     base_path = resolve_model(base).path
@@ -108,7 +111,10 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
                 "warmup": round(0.05 * total) if warmup is None else warmup, "weight_decay": weight_decay,
                 "max_grad_norm": max_grad_norm, "packing": packing, "seed": seed, "data": train_set.fingerprint}
 
-    start_adapter = load_adapter(out) if resume else (adapter if isinstance(adapter, Adapter) else load_adapter(adapter))
+    if isinstance(adapter, Adapter) and not resume:
+        start_adapter = adapter
+    else:
+        start_adapter = load_adapter(out if resume else adapter, cola_strategy)
     model = load_model(base_path, start_adapter, ctx, grad_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -140,8 +146,7 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
         loss, tokens = train_step(engine, batch, batch_size, pad_id, ctx)
         grad_norm = float(nn.utils.clip_grad_norm_(trainable, max_grad_norm))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            kept = f"{out} keeps the last good checkpoint (step {saved})" if saved else "no checkpoint was written"
-            raise LrsError(f"loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; stopped, {kept}")
+            raise LrsError(f"loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; stopped, {_kept(out, saved)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step + 1, "epoch": round((step + 1) * global_batch / len(train_set), 4), "loss": loss,
@@ -155,6 +160,9 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % save_every == 0 or step + 1 == total:
+            if not all(bool(torch.isfinite(p).all()) for p in trainable):  # a finite loss can precede them
+                raise LrsError(f"adapter parameters hold NaN or Inf after step {step + 1} (learning rate or weight "
+                               f"decay too large?); stopped, {_kept(out, saved)}")
             save(step + 1)
             saved = step + 1
     if bar is not None:
@@ -162,8 +170,13 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
     return summarize(out, records, train_set, eval_set, start, total, trainable, ctx, time.perf_counter() - began)
 
 
+def _kept(out: Path, saved: int) -> str:
+    """What a stopped run leaves in OUT."""
+    return f"{out} keeps the last good checkpoint (step {saved})" if saved else "no checkpoint was written"
+
+
 def _check_args(out: Path, resume: bool, force: bool, steps, epochs, inputs: Sequence[object],
-                positive: dict[str, float | None], non_negative: dict[str, float | None]) -> None:
+                positive: dict[str, float | None], non_negative: dict[str, float | None], seed: int) -> None:
     if resume and not (out / STATE_DIR / "state.json").is_file():
         raise LrsError(f"--resume: {out} holds no training checkpoint ({STATE_DIR}/state.json)")
     if not resume:
@@ -171,11 +184,12 @@ def _check_args(out: Path, resume: bool, force: bool, steps, epochs, inputs: Seq
     if steps is not None and epochs is not None:
         raise LrsError("give --steps or --epochs, not both")
     for name, value in positive.items():
-        if value is not None and not value > 0:  # `not >` also refuses nan
-            raise LrsError(f"{name} must be positive, got {value}")
+        if value is not None and not 0 < value < math.inf:  # also refuses nan
+            raise LrsError(f"{name} must be positive and finite, got {value}")
     for name, value in non_negative.items():
-        if value is not None and not value >= 0:
-            raise LrsError(f"{name} must be at least 0, got {value}")
+        if value is not None and not 0 <= value < math.inf:
+            raise LrsError(f"{name} must be at least 0 and finite, got {value}")
+    check_seed(seed)
 
 
 # ---------------------------------------------------------------------------- setup

@@ -199,6 +199,117 @@ def test_extract_lora_needs_same_layout(tiny_models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+CHANGED_WHOLE = {"model.norm.weight", "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"}
+
+
+@pytest.fixture(scope="module")
+def finetuned(llama, tmp_path_factory):
+    """The tiny llama with rank-2 changes to q_proj and down_proj, and changes a LoRA cannot hold (CHANGED_WHOLE)."""
+    ft = tmp_path_factory.mktemp("finetuned") / "ft"
+    shutil.copytree(llama, ft)
+    gen = torch.Generator().manual_seed(7)
+    for shard in ft.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if name.endswith(("q_proj.weight", "down_proj.weight")):
+                tensors[name] = t + torch.randn(t.shape[0], 2, generator=gen) @ torch.randn(2, t.shape[1], generator=gen)
+            elif name in CHANGED_WHOLE:
+                tensors[name] = t + 0.1 * torch.randn(t.shape, generator=gen)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return ft
+
+
+def test_extract_lora_reports_and_warns_what_a_lora_cannot_hold(lrs, llama, finetuned, tmp_path):
+    res = lrs("extract-lora", finetuned, llama, tmp_path / "out", "--rank", 2, "--json")
+    assert res.code == 0, res.stderr
+    assert res.stderr.startswith("warning: 3 changed tensor(s)") and res.stderr.count("\n") == 1, res.stderr
+    assert "--save-changed" in res.stderr
+    report = json.loads(res.stdout)
+    assert set(report["dropped"]["tensors"]) == CHANGED_WHOLE and report["modules_to_save"] == []
+    base, ft = ls.Checkpoint(llama), ls.Checkpoint(finetuned)
+    expected = max(float((ft.get(n) - base.get(n)).norm() / base.get(n).norm()) for n in CHANGED_WHOLE)
+    assert report["dropped"]["max_relative_change"] == pytest.approx(expected, rel=1e-6)
+    assert report["min_energy"] > 1 - 1e-6 and report["total_energy"] < 0.999  # the LoRA is exact, the whole is not
+    lost = sum(float((ft.get(n).double() - base.get(n).double()).square().sum()) for n in CHANGED_WHOLE)
+    total = lost + sum(row["squared"] for row in report["per_module"])
+    assert report["total_energy"] == pytest.approx(1 - lost / total, rel=1e-6)
+
+
+def test_extract_lora_save_changed_reproduces_the_finetuned_model_in_peft(lrs, llama, finetuned, tmp_path):
+    from peft import PeftModel
+
+    res = lrs("extract-lora", finetuned, llama, tmp_path / "out", "--rank", 2, "--save-changed")
+    assert res.code == 0 and not res.stderr, res.stderr
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == sorted(n.removesuffix(".weight") for n in CHANGED_WHOLE)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_causal_lm(finetuned)(input_ids=ids).logits
+        before = load_causal_lm(llama)(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(load_causal_lm(llama), tmp_path / "out").eval()(input_ids=ids).logits
+    assert _rel(before, expected) > 1e-2
+    torch.testing.assert_close(peft, expected, rtol=1e-4, atol=1e-4)
+    assert lrs("merge", tmp_path / "out", llama, tmp_path / "merged").code == 0
+    with torch.no_grad():
+        merged = load_causal_lm(tmp_path / "merged")(input_ids=ids).logits
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
+    assert ls.inspect_path(tmp_path / "out")["modules_to_save"] == config["modules_to_save"]
+
+
+def test_extract_lora_save_module_keeps_only_the_named(lrs, llama, finetuned, tmp_path):
+    res = lrs("extract-lora", finetuned, llama, tmp_path / "out", "--rank", 2, "--save-module", "norm", "--json")
+    assert res.code == 0 and res.stderr.startswith("warning: 2 changed tensor(s)"), res.stderr
+    report = json.loads(res.stdout)
+    assert report["modules_to_save"] == ["model.norm"]
+    assert set(report["dropped"]["tensors"]) == CHANGED_WHOLE - {"model.norm.weight"}
+    assert set(ls.load_adapter(tmp_path / "out").saved) == {"model.norm.weight"}
+
+
+def test_extract_lora_warns_that_peft_unties_a_saved_tied_embedding(lrs, tiny_models, tmp_path):
+    """qwen2 ties lm_head to embed_tokens: PEFT's modules_to_save copy breaks the tie, lrs merge keeps it."""
+    base, ft = tiny_models["qwen2"], tmp_path / "ft"
+    shutil.copytree(base, ft)
+    gen = torch.Generator().manual_seed(3)
+    for shard in ft.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if name == "model.embed_tokens.weight" or name == "model.layers.0.self_attn.q_proj.weight":
+                tensors[name] = t + torch.outer(torch.randn(t.shape[0], generator=gen), torch.randn(t.shape[1], generator=gen))
+        save_file(tensors, shard, metadata={"format": "pt"})
+    res = lrs("extract-lora", ft, base, tmp_path / "out", "--rank", 1, "--save-changed")
+    assert res.code == 0 and res.stderr.startswith("warning: model.embed_tokens.weight is tied to lm_head.weight"), res.stderr
+    assert lrs("merge", tmp_path / "out", base, tmp_path / "merged").code == 0
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_causal_lm(tmp_path / "merged")(input_ids=ids).logits,
+                                   load_causal_lm(ft)(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+BAD_EXTRACT = {  # expected message: command line but OUT (placed third, or after the adapter for convert)
+    "--niter must be at least 0, got -1": lambda f: ["extract-lora", f["ft"], f["llama"], "--rank", "2",
+                                                     "--algorithm", "randomized", "--niter", "-1"],
+    "--save-module nothing matches no module of": lambda f: ["extract-lora", f["ft"], f["llama"], "--rank", "2",
+                                                             "--save-module", "nothing"],
+    "a module the LoRA targets": lambda f: ["extract-lora", f["ft"], f["llama"], "--rank", "2",
+                                            "--save-module", "q_proj"],
+    "unmerge cannot recover the values they replaced": lambda f: ["unmerge", f["saved"], f["llama"]],
+    "which --to kohya cannot carry": lambda f: ["convert", f["saved"], "--to", "kohya"],
+}
+
+
+@pytest.mark.parametrize("expected", list(BAD_EXTRACT))
+def test_bad_extract_input_exits_1_with_one_line(lrs, llama, finetuned, tmp_path_factory, expected):
+    saved = tmp_path_factory.getbasetemp() / "saved-modules-adapter"
+    if not saved.exists():
+        extract_lora(finetuned, llama, saved, 2, save_changed=True)
+    args = BAD_EXTRACT[expected]({"ft": finetuned, "llama": llama, "saved": saved})
+    out = tmp_path_factory.mktemp("bad-extract") / "out"
+    at = 2 if args[0] == "convert" else 3
+    res = lrs(*args[:at], out, *args[at:])
+    assert res.code == 1 and expected in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert not out.exists()
+
+
 def _bad_inputs(tmp_path, llama) -> dict[str, list]:
     lora = _trained(llama, "lora")
     ls.save_adapter(lora, tmp_path / "lora")

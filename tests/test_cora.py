@@ -163,36 +163,62 @@ def test_cli_extracts_prints_the_summary_and_inspects(lrs, llama_pair, tmp_path)
 # ------------------------------------------------------------------------------------------------ bad input
 
 
-def _misfit(llama, tmp_path) -> Path:
-    """A subspace whose first basis has the wrong number of rows for the base."""
-    sub = tmp_path / "misfit"
-    extract_subspace([llama], sub, rank=4, device="cpu")
-    tensors = load_file(sub / "subspace.safetensors")
-    tensors["model.layers.0.self_attn.q_proj.basis"] = torch.linalg.qr(torch.randn(48, 4)).Q.contiguous()
-    save_file(tensors, sub / "subspace.safetensors")
-    return sub
+@pytest.fixture(scope="module")
+def subspaces(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """A good partial subspace (q_proj, rank 4) and broken copies of it."""
+    root = tmp_path_factory.mktemp("subspaces")
+    partial = root / "partial"
+    extract_subspace([tiny_models["llama"]], partial, rank=4, targets="q_proj", device="cpu")
+    q0 = "model.layers.0.self_attn.q_proj.basis"
 
+    def broken(name: str, info=None, basis: torch.Tensor | None = None) -> Path:
+        directory = root / name
+        directory.mkdir()
+        data = json.loads((partial / "subspace.json").read_text())
+        (directory / "subspace.json").write_text(json.dumps(info(data) if info else data))
+        tensors = load_file(partial / "subspace.safetensors")
+        if basis is not None:
+            tensors[q0] = basis
+        save_file(tensors, directory / "subspace.safetensors")
+        return directory
 
-def test_bad_input_exits_1_with_one_line_and_writes_nothing(lrs, tiny_models, tmp_path):
-    llama = tiny_models["llama"]
-    partial = tmp_path / "partial"
-    extract_subspace([llama], partial, rank=4, targets="q_proj", device="cpu")
-    cases = {
-        "do not share the architecture": ["extract-subspace", llama, tiny_models["qwen2"]],
-        "is larger than model.layers.0.self_attn.k_proj allows (shape 32x64": ["extract-subspace", llama, "--rank", "33"],
-        "matched no linear module; this model has: gate_proj, k_proj": ["extract-subspace", llama, "--targets", "nothing_proj"],
-        "basis model.layers.0.self_attn.q_proj has 48 rows": ["init", "--method", "cora", "--base", llama,
-                                                             "--subspace", _misfit(llama, tmp_path), "--rank", "4"],
-        "has no basis for model.layers.0.self_attn.v_proj": ["init", "--method", "cora", "--base", llama,
-                                                            "--subspace", partial, "--targets", "q_proj,v_proj",
-                                                            "--rank", "4"],
-        "exceeds the subspace's rank 4": ["init", "--method", "cora", "--base", llama, "--subspace", partial,
-                                          "--rank", "5"],
-        "needs --subspace": ["init", "--method", "cora", "--base", llama],
+    return {
+        "partial": partial,
+        "misfit": broken("misfit", basis=torch.linalg.qr(torch.randn(48, 4)).Q.contiguous()),
+        "no-targets": broken("no-targets", info=lambda d: {k: v for k, v in d.items() if k != "targets"}),
+        "rank-string": broken("rank-string", info=lambda d: d | {"rank": "4"}),
+        "targets-int": broken("targets-int", info=lambda d: d | {"targets": 3}),
+        "empty-basis": broken("empty-basis", basis=torch.zeros(64, 0)),
+        "nan-basis": broken("nan-basis", basis=torch.full((64, 4), float("nan"))),
     }
-    for expected, args in cases.items():
-        out = tmp_path / "out"
-        res = lrs(*args, "--out", out)
-        assert res.code == 1 and expected in res.stderr, (expected, res.stderr)
-        assert res.stderr.count("\n") == 1 and not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["misfit", "partial"]
+
+
+def _cora(s: dict, subspace: str, *args) -> list:
+    return ["init", "--method", "cora", "--base", s["llama"], "--subspace", s[subspace], "--rank", "4", *args]
+
+
+BAD_CORA = {  # expected message: command line without --out
+    "do not share the architecture": lambda s: ["extract-subspace", s["llama"], s["qwen2"]],
+    "is larger than model.layers.0.self_attn.k_proj allows (shape 32x64": lambda s: ["extract-subspace", s["llama"],
+                                                                                     "--rank", "33"],
+    "matched no linear module; this model has: gate_proj, k_proj": lambda s: ["extract-subspace", s["llama"],
+                                                                              "--targets", "nothing_proj"],
+    "basis model.layers.0.self_attn.q_proj has 48 rows": lambda s: _cora(s, "misfit"),
+    "has no basis for model.layers.0.self_attn.v_proj": lambda s: _cora(s, "partial", "--targets", "q_proj,v_proj"),
+    "exceeds the subspace's rank 4": lambda s: _cora(s, "partial", "--rank", "5"),
+    "needs --subspace": lambda s: ["init", "--method", "cora", "--base", s["llama"]],
+    "subspace.json: 'targets' must be a non-empty list of module names, got None": lambda s: _cora(s, "no-targets"),
+    "subspace.json: 'rank' must be a positive integer, got '4'": lambda s: _cora(s, "rank-string", "--targets", "q_proj"),
+    "subspace.json: 'targets' must be a non-empty list of module names, got 3": lambda s: _cora(s, "targets-int"),
+    "basis model.layers.0.self_attn.q_proj has 0 columns but its subspace.json says rank 4":
+        lambda s: _cora(s, "empty-basis"),
+    "tensor model.layers.0.self_attn.q_proj.basis in": lambda s: _cora(s, "nan-basis"),
+}
+
+
+@pytest.mark.parametrize("expected", list(BAD_CORA))
+def test_bad_input_exits_1_with_one_line_and_writes_nothing(lrs, tiny_models, subspaces, tmp_path, expected):
+    out = tmp_path / "out"
+    res = lrs(*BAD_CORA[expected]({**tiny_models, **subspaces}), "--out", out)
+    assert res.code == 1 and expected in res.stderr, (expected, res.stderr)
+    assert res.stderr.count("\n") == 1 and not out.exists() and not list(tmp_path.iterdir())

@@ -238,41 +238,108 @@ def test_cli_init_and_inspect(lrs, llama, tmp_path):
     assert ck["kind"] == "checkpoint" and len(ck["shards"]) == 3 and ck["linear_modules"] == 15
 
 
-def _bad(tmp_path, llama):
-    empty = tmp_path / "empty"
-    empty.mkdir()
+def _bad_files(tmp_path, llama) -> dict:
+    """The inputs the bad-input cases point at."""
+    (tmp_path / "empty").mkdir()
     truncated = tmp_path / "trunc"
     shutil.copytree(llama, truncated)
     shard = sorted(truncated.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:-100])
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
-    exists = tmp_path / "exists"
-    exists.mkdir()
-    return {
-        "no such file": ["--base", tmp_path / "missing"],
-        "no weights": ["--base", empty],
-        "truncated": ["--base", truncated],
-        "--allow-pickle": ["--base", pickled],
-        "matched no linear module; this model has:": ["--base", llama, "--targets", "nope"],
-        "rank 100 is larger than model.layers.0.": ["--base", llama, "--rank", "100"],
-        "--alpha must be a finite nonzero number, got 0.0": ["--base", llama, "--alpha", "0"],
-        "--alpha must be a finite nonzero number, got nan": ["--base", llama, "--alpha", "nan"],
-        "already exists": ["--base", llama, "--out", exists],
-    }
+    (tmp_path / "pickled").mkdir()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pickled" / "pytorch_model.bin")
+    (tmp_path / "exists").mkdir()
+    return {"tmp": tmp_path, "llama": llama, "truncated": truncated}
 
 
-def test_bad_input_exits_1_with_one_line(lrs, llama, tmp_path):
-    for expected, args in _bad(tmp_path, llama).items():
-        out = tmp_path / "out"
-        if "--out" not in args:
-            args = args + ["--out", out]
-        res = lrs("init", "--method", "lora", *args)
-        assert res.code == 1, (expected, res)
-        assert expected in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
-        assert not out.exists()
-        assert not [p for p in tmp_path.iterdir() if ".lrs-tmp" in p.name]
+BAD_INIT = {  # expected message: `lrs init --method lora` arguments
+    "no such file": lambda f: ["--base", f["tmp"] / "missing"],
+    "no weights": lambda f: ["--base", f["tmp"] / "empty"],
+    "truncated": lambda f: ["--base", f["truncated"]],
+    "--allow-pickle": lambda f: ["--base", f["tmp"] / "pickled"],
+    "matched no linear module; this model has:": lambda f: ["--base", f["llama"], "--targets", "nope"],
+    "rank 100 is larger than model.layers.0.": lambda f: ["--base", f["llama"], "--rank", "100"],
+    "--alpha must be a finite nonzero number, got 0.0": lambda f: ["--base", f["llama"], "--alpha", "0"],
+    "--alpha must be a finite nonzero number, got nan": lambda f: ["--base", f["llama"], "--alpha", "nan"],
+    "--seed must be between 0 and 4294967295, got 99999999999999999999":
+        lambda f: ["--base", f["llama"], "--seed", "99999999999999999999"],
+    "already exists": lambda f: ["--base", f["llama"], "--out", f["tmp"] / "exists"],
+}
+
+
+@pytest.mark.parametrize("expected", list(BAD_INIT))
+def test_bad_input_exits_1_with_one_line(lrs, llama, tmp_path, expected):
+    args = BAD_INIT[expected](_bad_files(tmp_path, llama))
+    out = tmp_path / "out"
+    if "--out" not in args:
+        args = args + ["--out", out]
+    res = lrs("init", "--method", "lora", *args)
+    assert res.code == 1, (expected, res)
+    assert expected in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".lrs-tmp" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------ non-finite weights
+POISONED = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _poisoned(llama, directory, value: float):
+    """A copy of the tiny llama with one entry of POISONED set to `value` (NaN or Inf)."""
+    shutil.copytree(llama, directory)
+    shard = next(f for f in directory.glob("*.safetensors") if POISONED in load_file(f))
+    tensors = load_file(shard)
+    tensors[POISONED][3, 5] = value
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def poisoned(llama, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("poisoned")
+    lrs.save_adapter(lrs.init_adapter("lora", llama, r=2, seed=1), root / "lora")
+    lrs.save_adapter(lrs.init_adapter("fossil", llama, r=4, targets="q_proj", options={"variant": "bat"}), root / "bat")
+    return {"nan": _poisoned(llama, root / "nan", float("nan")), "inf": _poisoned(llama, root / "inf", float("-inf")),
+            "llama": llama, "lora": root / "lora", "bat": root / "bat"}
+
+
+NONFINITE = {  # every command that reads weights for maths: (the command line but OUT, then OUT's options)
+    "subspace gram": lambda m: ["extract-subspace", m["nan"], "--rank", "4", "--algorithm", "gram", "--out"],
+    "subspace exact": lambda m: ["extract-subspace", m["inf"], "--rank", "4", "--algorithm", "exact", "--out"],
+    "subspace randomized": lambda m: ["extract-subspace", m["nan"], "--rank", "4", "--algorithm", "randomized", "--out"],
+    "pissa exact": lambda m: ["init", "--method", "pissa", "--base", m["nan"], "--rank", "4", "--out"],
+    "pissa gram": lambda m: ["init", "--method", "pissa", "--base", m["inf"], "--init-svd", "gram", "--out"],
+    "pissa randomized": lambda m: ["init", "--method", "pissa", "--base", m["nan"], "--init-svd", "randomized", "--out"],
+    "cola": lambda m: ["init", "--method", "cola", "--base", m["inf"], "--rank", "4", "--out"],
+    "fossil bat init": lambda m: ["init", "--method", "fossil", "--variant", "bat", "--rank", "4", "--base", m["nan"],
+                                  "--out"],
+    "extract-lora finetuned": lambda m: ["extract-lora", m["nan"], m["llama"], "--rank", "2"],
+    "extract-lora base randomized": lambda m: ["extract-lora", m["llama"], m["inf"], "--rank", "2",
+                                               "--algorithm", "randomized"],
+    "merge": lambda m: ["merge", m["lora"], m["nan"]],
+    "unmerge": lambda m: ["unmerge", m["lora"], m["inf"]],
+    "merge fossil bat": lambda m: ["merge", m["bat"], m["nan"]],
+    "unmerge fossil bat": lambda m: ["unmerge", m["bat"], m["inf"]],
+}
+
+
+@pytest.mark.parametrize("case", list(NONFINITE))
+def test_nonfinite_weight_is_named_in_one_line(lrs, poisoned, tmp_path, case):
+    args = NONFINITE[case](poisoned)
+    out = tmp_path / "out"
+    args = args + [out] if args[-1] == "--out" else args[:3] + [out] + args[3:]
+    res = lrs(*args)
+    assert res.code == 1, (case, res)
+    assert f"tensor {POISONED} in " in res.stderr and "holds NaN or Inf" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_attach_refuses_a_nonfinite_weight_it_decomposes(poisoned):
+    """attach recomputes missing PiSSA factors from the live model's weights: the same refusal as on disk."""
+    adapter = lrs.init_adapter("pissa", poisoned["llama"], r=2, targets="q_proj")
+    for params in adapter.weights.values():
+        del params["pissa_A0.weight"], params["pissa_B0.weight"]
+    with pytest.raises(LrsError, match=f"tensor {POISONED} in the model holds NaN or Inf"):
+        lrs.attach(load_causal_lm(poisoned["nan"]), adapter)
 
 
 def test_bad_usage_exits_2(lrs):

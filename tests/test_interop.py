@@ -94,23 +94,26 @@ def _original_config(llama, num_a: int, num_b: int, **extra) -> dict:
             "target_modules": ["v_proj", "q_proj", "down_proj"], "task_type": "CAUSAL_LM", **extra}
 
 
-@pytest.mark.parametrize("strategy, num_a, num_b", [("fully", 2, 3), ("heuristic", 2, 5), ("random", 2, 3)])
-def test_original_cola_adapter_gives_the_original_forward(llama, tmp_path, strategy, num_a, num_b):
-    """Saved by the original code (keys lora_A.{i}.weight / lora_B.{j}.weight, no frozen factors); the strategy
-    it ran is declared in an `lrs` block (its config cannot say). Merged weight = its residual + s·Σ B_j A_i."""
-    extra = {} if strategy == "fully" else {"lrs": {"strategy": strategy}}
-    (tmp_path / "orig").mkdir()
-    (tmp_path / "orig" / "adapter_config.json").write_text(json.dumps(_original_config(llama, num_a, num_b, **extra)))
+def _original_cola(llama, directory, num_a: int, num_b: int) -> dict:
+    """An adapter as the original code saves it (keys lora_A.{i}.weight / lora_B.{j}.weight, no frozen factors,
+    no strategy in its config); returns its factors per module path."""
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps(_original_config(llama, num_a, num_b)))
     gen = torch.Generator().manual_seed(11)
-    targets = _targets(llama, COLA_TARGETS)
     factors = {path: ([0.1 * torch.randn(R, t.in_features, generator=gen) for _ in range(num_a)],
                       [0.1 * torch.randn(t.out_features, R, generator=gen) for _ in range(num_b)])
-               for path, t in targets.items()}
+               for path, t in _targets(llama, COLA_TARGETS).items()}
     tensors = {f"base_model.model.{path}.lora_{kind}.{k}.weight": m for path, (a, b) in factors.items()
                for kind, ms in (("A", a), ("B", b)) for k, m in enumerate(ms)}
-    save_file(tensors, tmp_path / "orig" / "adapter_model.safetensors")
+    save_file(tensors, directory / "adapter_model.safetensors")
+    return factors
 
-    adapter = ls.load_adapter(tmp_path / "orig")
+
+@pytest.mark.parametrize("strategy, num_a, num_b", [("fully", 2, 3), ("heuristic", 2, 5), ("random", 2, 3)])
+def test_original_cola_adapter_gives_the_original_forward(llama, tmp_path, strategy, num_a, num_b):
+    """The strategy it ran is declared (its config cannot say). Merged weight = its residual + s·Σ B_j A_i."""
+    factors = _original_cola(llama, tmp_path / "orig", num_a, num_b)
+    adapter = ls.load_adapter(tmp_path / "orig", cola_strategy=strategy)
     method = adapter.method
     assert (method.strategy, method.num_a, method.num_b) == (strategy, num_a, num_b)
     weights = _base_weights(llama)
@@ -118,6 +121,27 @@ def test_original_cola_adapter_gives_the_original_forward(llama, tmp_path, strat
     for path, (a, b) in factors.items():
         expected = _original_residual(weights[path], R) + (ALPHA / R) * _original_sum(strategy, a, b)
         assert _rel(method.merge(weights[path], adapter.weights[path], path), expected) < 1e-5
+
+
+def test_original_cola_adapter_without_a_declared_strategy_warns(lrs, llama, tmp_path):
+    """Every import of an original-layout CoLA adapter says it assumes `fully`; --cola-strategy declares another."""
+    factors = _original_cola(llama, tmp_path / "orig", 2, 5)
+    with pytest.warns(ls.LrsWarning, match="does not record the strategy .* reading it as fully"):
+        assert ls.load_adapter(tmp_path / "orig").method.strategy == "fully"
+    for command in (["inspect", tmp_path / "orig"], ["merge", tmp_path / "orig", llama, tmp_path / "fully"]):
+        res = lrs(*command)
+        assert res.code == 0 and res.stderr.startswith("warning: CoLA adapter in the original code's layout")
+        assert res.stderr.count("\n") == 1, res.stderr
+    res = lrs("merge", tmp_path / "orig", llama, tmp_path / "heuristic", "--cola-strategy", "heuristic")
+    assert res.code == 0 and "warning" not in res.stderr, res.stderr
+    weights = _base_weights(llama)
+    merged = _base_weights(tmp_path / "heuristic")
+    for path, (a, b) in factors.items():
+        expected = _original_residual(weights[path], R) + (ALPHA / R) * _original_sum("heuristic", a, b)
+        assert _rel(merged[path], expected) < 1e-5
+        assert _rel(_base_weights(tmp_path / "fully")[path], expected) > 1e-2  # what the undeclared merge wrote
+    res = lrs("inspect", tmp_path / "heuristic", "--cola-strategy", "random")
+    assert res.code == 1 and "--cola-strategy applies to CoLA adapters" in res.stderr
 
 
 def test_cola_init_is_the_original_pissa_split(llama):

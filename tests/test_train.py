@@ -161,6 +161,27 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypat
     assert all(torch.isfinite(t).all() for p in lrs.load_adapter(out).weights.values() for t in p.values())
 
 
+def test_nonfinite_parameters_stop_before_a_checkpoint(setup, tmp_path, monkeypatch):
+    """A finite loss and gradient can still leave NaN/Inf parameters (a step too large): never checkpoint those."""
+    real, calls = torch.optim.AdamW.step, []
+
+    def overflowing(optimizer, *args, **kwargs):
+        result = real(optimizer, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    out = tmp_path / "out"
+    with pytest.raises(LrsError, match=rf"parameters hold NaN or Inf after step 2 .*; stopped, {out} keeps the last "
+                                       rf"good checkpoint \(step 1\)"):
+        train(setup["adapter"], setup["base"], setup["data"], out, steps=3, batch_size=4, seq_len=32, save_every=1)
+    assert json.loads((out / STATE_DIR / "state.json").read_text())["step"] == 1
+    assert all(torch.isfinite(t).all() for p in lrs.load_adapter(out).weights.values() for t in p.values())
+
+
 @pytest.mark.parametrize("method", sorted(lrs.METHODS))
 def test_every_method_trains_only_its_trainable_parameters(method, chat_models, tmp_path):
     base = chat_models["gpt2"] if method == "lora" else chat_models["llama"]  # gpt2: Conv1D layers
@@ -222,27 +243,44 @@ def test_cli_trains_and_reports(lrs, setup, tmp_path):
     assert res.code == 0 and "step 0: eval loss" in res.stdout and "step 2: loss" in res.stdout, res.stdout
 
 
-def test_cli_bad_input_is_one_line(lrs, setup, chat_models, tiny_models, tmp_path):
+def _data(f: dict, name: str) -> list:
+    return [f["adapter"], "--base", f["base"], "--data", f["tmp"] / name]
+
+
+def _option(f: dict, *option: str) -> list:
+    return [f["adapter"], "--base", f["base"], "--data", f["data"], *option]
+
+
+BAD_TRAIN = {  # expected message: `lrs train` arguments but --out and the common ones
+    "broken.jsonl:2: malformed JSON": lambda f: _data(f, "broken.jsonl"),
+    "empty data file": lambda f: _data(f, "empty.jsonl"),
+    "adapter does not fit": lambda f: [f["adapter"], "--base", f["gpt2"], "--data", f["data"]],
+    "binary.jsonl:2: not UTF-8": lambda f: _data(f, "binary.jsonl"),
+    "no usable tokenizer": lambda f: [f["adapter"], "--base", f["qwen2"], "--data", f["data"]],
+    "--lr must be positive and finite, got nan": lambda f: _option(f, "--lr", "nan"),
+    "--lr must be positive and finite, got inf": lambda f: _option(f, "--lr", "inf"),
+    "--weight-decay must be at least 0 and finite, got inf": lambda f: _option(f, "--weight-decay", "inf"),
+    "--max-grad-norm must be positive": lambda f: _option(f, "--max-grad-norm", "-1"),
+    "--warmup must be at least 0": lambda f: _option(f, "--warmup", "-1"),
+    "--seed must be between 0 and 4294967295": lambda f: _option(f, "--seed", "99999999999999999999"),
+}
+
+
+@pytest.mark.parametrize("expected", list(BAD_TRAIN))
+def test_cli_bad_input_is_one_line(lrs, setup, chat_models, tiny_models, tmp_path, expected):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"\n')
     (tmp_path / "binary.jsonl").write_bytes(b'{"text": "a"}\n\xff\xfe garbage\n')
+    files = {**setup, "tmp": tmp_path, "gpt2": chat_models["gpt2"], "qwen2": tiny_models["qwen2"]}
+    res = lrs("train", *BAD_TRAIN[expected](files), "--out", tmp_path / "out", "--steps", "1", "--batch-size", "2",
+              "--seq-len", "16")
+    assert res.code == 1 and expected in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_existing_out_and_a_resume_without_checkpoint(lrs, setup, tmp_path):
     (tmp_path / "exists").mkdir()
-    common = ["--steps", "1", "--batch-size", "2", "--seq-len", "16"]
-    cases = [
-        ([setup["adapter"], "--base", setup["base"], "--data", tmp_path / "broken.jsonl"], "broken.jsonl:2: malformed JSON"),
-        ([setup["adapter"], "--base", setup["base"], "--data", tmp_path / "empty.jsonl"], "empty data file"),
-        ([setup["adapter"], "--base", chat_models["gpt2"], "--data", setup["data"]], "adapter does not fit"),
-        ([setup["adapter"], "--base", setup["base"], "--data", tmp_path / "binary.jsonl"], "binary.jsonl:2: not UTF-8"),
-        ([setup["adapter"], "--base", tiny_models["qwen2"], "--data", setup["data"]], "no usable tokenizer"),
-        ([setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--lr", "nan"], "--lr must be positive"),
-        ([setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--max-grad-norm", "-1"],
-         "--max-grad-norm must be positive"),
-        ([setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--warmup", "-1"], "--warmup must be at least 0"),
-    ]
-    for i, (args, message) in enumerate(cases):
-        res = lrs("train", *args, "--out", tmp_path / f"o{i}", *common)
-        assert res.code == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
-    base_args = [setup["adapter"], "--base", setup["base"], "--data", setup["data"], *common]
+    base_args = [setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--steps", "1"]
     res = lrs("train", *base_args, "--out", tmp_path / "exists")
     assert res.code == 1 and "already exists" in res.stderr
     res = lrs("train", *base_args, "--out", tmp_path / "exists", "--resume")

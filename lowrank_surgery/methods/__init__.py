@@ -24,8 +24,9 @@ def get_method(config: AdapterConfig) -> Method:
         raise LrsError(f"unknown method {config.method!r} (known: {', '.join(METHODS)})") from None
 
 
-def method_from_json(data: dict[str, Any]) -> Method:
-    """Pick the method from adapter_config.json: the `lrs` block first, then PEFT's peft_type."""
+def method_from_json(data: dict[str, Any], cola_strategy: str | None = None) -> Method:
+    """Pick the method from adapter_config.json: the `lrs` block first, then PEFT's peft_type. `cola_strategy`
+    is the user's word on what a CoLA config cannot say (the original code's adapters)."""
     declared = (data.get("lrs") or {}).get("method")
     peft_type = str(data.get("peft_type", "")).upper()
     candidates = [cls for cls in METHODS.values() if peft_type in cls.peft_types()]
@@ -36,4 +37,8 @@ def method_from_json(data: dict[str, Any]) -> Method:
         raise LrsError(f"adapter declares lrs method {declared!r}, which peft_type {peft_type} does not support "
                        f"(it can be: {', '.join(c.name for c in candidates)})")
     cls = next((c for c in candidates if c.name == declared), candidates[0])
+    if cls is CoLA:
+        return cls(CoLA.config_from_json(data, cola_strategy))
+    if cola_strategy is not None:
+        raise LrsError(f"--cola-strategy applies to CoLA adapters, but this one is {cls.name}")
     return cls(cls.config_from_json(data))

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..adapter import Adapter, AdapterConfig
-from ..errors import LrsError
+from ..errors import LrsError, warn
 from ..targets import Target
 from .base import Method, Params
 from .lora import config_from_lora_json, lora_json
@@ -217,9 +217,16 @@ class CoLA(PissaInit, Method):
         return warnings
 
     @classmethod
-    def config_from_json(cls, data: dict[str, Any]) -> AdapterConfig:
-        """lrs-written or original-code configs (`num_A`, `num_B`; no `lrs` block means the original's `fully`)."""
+    def config_from_json(cls, data: dict[str, Any], strategy: str | None = None) -> AdapterConfig:
+        """lrs-written or original-code configs (`num_A`, `num_B`). The original's config cannot say which strategy
+        trained it: `strategy` declares it, else it is read as `fully`, with a warning."""
         config = config_from_lora_json(data, cls.name)
-        config.options = {**cls.defaults, **config.options,
+        recorded = config.options.get("strategy")  # in the `lrs` block of adapters lrs wrote
+        if strategy is not None and recorded is not None and strategy != recorded:
+            raise LrsError(f"--cola-strategy {strategy} contradicts the adapter's own strategy {recorded}")
+        if strategy is None and recorded is None:
+            warn("CoLA adapter in the original code's layout: its config does not record the strategy it was "
+                 "trained with; reading it as fully (pass --cola-strategy heuristic or random if it was not)")
+        config.options = {**cls.defaults, **config.options, "strategy": strategy or recorded or "fully",
                           "num_a": int(data.get("num_A", 1)), "num_b": int(data.get("num_B", 1))}
         return config

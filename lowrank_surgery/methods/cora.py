@@ -45,7 +45,7 @@ class CoRA(LoRA):
     def init(self, targets: Sequence[Target], weights: Sequence[torch.Tensor] | None,
              generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
         subspace = _subspace(self.config.options)
-        rank = int(subspace.info["rank"])
+        rank = subspace.info["rank"]
         self.config.provenance.update(subspace=subspace.id, subspace_hash=subspace.hash)
         params = []
         for t in targets:

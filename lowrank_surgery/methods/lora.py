@@ -65,7 +65,7 @@ def lora_json(config: AdapterConfig, peft_type: str = "LORA") -> dict[str, Any]:
         "init_lora_weights": True,
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
-        "modules_to_save": None,
+        "modules_to_save": config.modules_to_save or None,
         "inference_mode": True,
         "lrs": config.lrs_block(),
     }
@@ -88,6 +88,7 @@ def config_from_lora_json(data: dict[str, Any], method: str) -> AdapterConfig:
         alpha_pattern=dict(data.get("alpha_pattern") or {}),
         base_model=data.get("base_model_name_or_path"),
         provenance=provenance_from_lrs(lrs),
+        modules_to_save=_as_list(data.get("modules_to_save")),
     )
 
 
