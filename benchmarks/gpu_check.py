@@ -2,13 +2,13 @@
 
     python benchmarks/gpu_check.py [--work runs/gpu-check] [--report gpu-check.json] [--quick]
 
-1. the kernel and training tests on the GPU (kernel tests then run the compiled Triton kernels, half precision
-   included; training tests run their steps through them; `--tests` picks others);
-2. bench_kernels.py: lrs vs PEFT LoRA and MiSS layers, forward+backward, bf16, Llama-7B shapes, r 8/16/64,
+1. bench_kernels.py: lrs vs PEFT LoRA and MiSS layers, forward+backward, bf16, Llama-7B shapes, r 8/16/64,
    dropout 0 and 0.1 (and bat with the Triton kernel forced, to check that `auto` is right to use torch);
-3. on the generated 1B Llama-shaped checkpoint, each with `--device cuda` against `--device cpu`:
+2. on the generated 1B Llama-shaped checkpoint, each with `--device cuda` against `--device cpu`:
    extract-subspace (q/k/v, r 64, gram and randomized), init pissa (attention, r 16), merge (LoRA r 16,
-   all-linear) and extract-lora (attention, r 16): results equal within the stated tolerances, and the time ratio.
+   all-linear) and extract-lora (attention, r 16): results equal within the stated tolerances, and the time ratio;
+3. the kernel and training tests on the GPU (kernel tests then run the compiled Triton kernels, half precision
+   included; training tests run their steps through them; `--tests` picks others).
 Without CUDA it says so on stderr and exits 1. Each part is recorded even when another fails.
 """
 
