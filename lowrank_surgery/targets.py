@@ -191,7 +191,19 @@ def select_targets(ckpt: Checkpoint, spec: str | Sequence[str]) -> list[Target]:
     if not chosen:
         ckpt.require_unquantized()  # GPTQ/AWQ/bitsandbytes store no float weights a linear module is found by
         raise LrsError(f"--targets {','.join(items)} matched no linear module; this model has: {', '.join(kinds(candidates))}")
+    if any(t.conv1d for t in candidates):
+        _refuse_untold_square(ckpt, chosen)
     return chosen
+
+
+def _refuse_untold_square(ckpt: Checkpoint, chosen: Sequence[Target]) -> None:
+    """In a checkpoint that stores some weights transposed (GPT-2's Conv1D), a square weight whose layout
+    nothing tells could be either: refuse rather than take it for nn.Linear."""
+    for t in chosen:
+        if not t.conv1d and t.out_features == t.in_features and not _layout_told(ckpt, t):
+            raise LrsError(f"cannot tell whether {ckpt.source.id} stores {t.weight} transposed, as it stores other "
+                           "weights (GPT-2's Conv1D): it has no config.json naming the model type; put the model's "
+                           "config.json next to its weights")
 
 
 def kinds(targets: Iterable[Target]) -> list[str]:

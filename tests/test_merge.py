@@ -167,6 +167,16 @@ def test_bare_gpt2_file_takes_the_layout_the_adapter_declares(tiny_models, tmp_p
         torch.testing.assert_close(t, original[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("method,targets", [("pissa", "c_proj"), ("lora", "all-linear")])
+def test_init_from_a_bare_gpt2_file_refuses_square_weights_it_cannot_orient(tiny_models, tmp_path, method, targets):
+    """GPT-2's other weights show it stores them transposed; its square attn.c_proj could be either way round
+    (PiSSA would decompose Wᵀ for W), so init refuses instead of taking it for nn.Linear."""
+    bare = _bare(tiny_models["gpt2"], tmp_path / "bare" / "model.safetensors")
+    with pytest.raises(lrs.LrsError, match=r"cannot tell whether .* stores transformer\.h\.0\.attn\.c_proj\.weight transposed"):
+        lrs.init_adapter(method, bare, r=2, targets=targets)
+    lrs.init_adapter(method, bare, r=2, targets="c_attn,c_fc")  # non-square: the bias tells the layout
+
+
 @pytest.mark.parametrize("method", [m for m, cls in lrs.METHODS.items() if cls.completable])
 def test_adapter_lacking_completable_parameters(llama, tmp_path, method):
     """Parameters an imported adapter may lack are recomputed from the base at merge; unmerge refuses without them."""
