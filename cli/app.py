@@ -8,6 +8,7 @@ import warnings
 import typer
 
 from .. import progress
+from ..checkpoint import interrupts_raised
 from ..errors import LrsError, LrsWarning
 from . import adapters, convert, inspect, merge, push, subspace, train  # noqa: F401  (commands register themselves on import)
 from .base import STATE, app, warn
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
         args = [a for a in args if a != flag]
     progress.QUIET = STATE["quiet"]
     try:
-        with warnings.catch_warnings():  # restores showwarning afterwards
+        # catch_warnings restores showwarning afterwards; interrupts_raised: hang-up, quit, terminate... give the
+        # one-line message, and outputs are cleaned up
+        with warnings.catch_warnings(), interrupts_raised():
             warnings.simplefilter("always", LrsWarning)
             warnings.showwarning = _show_warning
             app(args=args, prog_name="lrs")
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         _fail(exc, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
     except KeyboardInterrupt as exc:
-        _fail(exc, "interrupted; nothing was written", code=130)
+        _fail(exc, str(exc) or "interrupted; nothing was written", code=130)  # train says which checkpoint OUT keeps
 
 
 _python_showwarning = warnings.showwarning

@@ -9,7 +9,7 @@ import typer
 
 from .. import progress
 from ..train import train as train_adapter
-from .base import COLA_STRATEGY, STATE, ColaStrategy, app, print_json, say, strategy_value
+from .base import COLA_STRATEGY, STATE, ColaStrategy, app, print_json, say, strategy_value, warn
 
 
 @app.command(epilog="Example: lrs train lora-adapter --base ./SmolLM2-135M --data train.jsonl --out trained "
@@ -51,6 +51,8 @@ def train(
                             cola_strategy=strategy_value(cola_strategy), on_log=log)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
         return
+    for note in summary["notes"]:
+        warn(note)
     if as_json:
         print_json(summary)
         return

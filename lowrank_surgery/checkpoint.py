@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import glob
 import json
 import math
 import os
@@ -18,7 +20,7 @@ import signal
 import struct
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -548,9 +550,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return {name: ckpt.get(name) for name in ckpt.names()}
 
 
-# --------------------------------------------------------------------------------------------- atomic output
-
-
 def quant_method(config: dict) -> str | None:
     """How a checkpoint is quantized, from config.json's quantization_config (None when it is not)."""
     quantization = config.get("quantization_config")
@@ -579,61 +578,279 @@ def dequantize_blocks(fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
     return fp8.float() * expanded
 
 
-def check_output(out: Path, force: bool, inputs: Iterable[object] = ()) -> None:
-    """Refuse an existing OUT unless --force, and an OUT that is or holds one of the command's local `inputs`
-    (replacing it would delete what is being read), before any work is done."""
+
+# --------------------------------------------------------------------------------------------- atomic output
+# A run holds an exclusive claim on OUT (`.OUT.lrs-claim` next to it: locked, holding the pid) while it writes the
+# temporary sibling `.OUT.lrs-tmp-<pid>-<hex>` and swaps it in (the previous OUT is `.OUT.lrs-old-<pid>-<hex>` for
+# that instant). The lock dies with its process, so the next run on OUT can tell what a killed run left and clean it.
+CLAIM_SUFFIX = ".lrs-claim"
+LEFTOVER = re.compile(r"\.(?P<out>.+)\.lrs-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+")
+INTERRUPTS = tuple(getattr(signal, name) for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1",
+                                                     "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGXCPU")
+                   if hasattr(signal, name))
+_claimed: set[Path] = set()  # the OUTs this process holds (claims are reentrant: train holds OUT across checkpoints)
+_held_back: list[int] | None = None  # signals that arrived while OUT was being swapped or cleaned up
+
+
+def check_output(out: Path, force: bool, inputs: Iterable[object] = (),
+                 replaces: Collection[str] | None = None) -> None:
+    """Refuse, before any work is done: an OUT that cannot be replaced, an existing OUT unless --force, and an OUT
+    whose replacement would delete one of the command's local `inputs` (every file they read, through symlinks).
+    `replaces`: the names inside OUT the output stands for (None: all of OUT)."""
+    out = Path(out)
+    target = _output_path(out)
+    replaced = [target] if replaces is None else [target / name for name in replaces]
     for source in inputs:
-        if isinstance(source, (str, os.PathLike)) and Path(source).exists():  # not a Hub id, not an object
-            here, there = Path(out).resolve(), Path(source).resolve()
-            if here == there or here in there.parents:
-                raise LrsError(f"{out} would replace the input {source}; write the output elsewhere")
-    if out.exists() and not force:
+        for file in _input_files(source):
+            if any(file == r or r in file.parents for r in replaced):
+                via = "" if file == Path(source).resolve() else f" ({file})"
+                raise LrsError(f"{out} would replace the input {source}{via}; keep inputs outside the output")
+    if os.path.lexists(out) and not force:
         raise LrsError(f"{out} already exists; pass --force to overwrite it")
-    parent = next((p for p in out.parents if p.exists()), None)
+    parent = next((p for p in target.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise LrsError(f"cannot write {out}: {parent} is not a directory")
 
 
+def _output_path(out: Path) -> Path:
+    """OUT resolved through symlinks (the output replaces what a link points to; the link stays)."""
+    if out.is_symlink() and not out.exists():
+        raise LrsError(f"{out} is a symlink to {os.readlink(out)}, which does not exist; "
+                       "remove the link or create its target")
+    target = out.resolve()
+    if target == Path.cwd() or target in Path.cwd().parents:
+        raise LrsError(f"{out} holds the current directory, which cannot be replaced; write the output elsewhere")
+    return target
+
+
+def _input_files(source: object) -> list[Path]:
+    """A local input resolved through symlinks, with the files a directory input holds or its index lists."""
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).exists():  # a Hub id or an in-memory object
+        return []
+    path = Path(source)
+    if not path.is_dir():
+        return [path.resolve()]
+    listed = _index_entries(path / INDEX_NAME)
+    return [path.resolve()] + [p.resolve() for p in [*path.iterdir(), *listed] if p.is_file()]
+
+
+def _index_entries(index: Path) -> list[Path]:
+    """The shard files an index names (none when there is no readable index: the reader reports a broken one)."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        return [index.parent / f for f in set(weight_map.values()) if isinstance(f, str)]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
 @contextlib.contextmanager
-def atomic_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of OUT; rename it into place only if the body completes."""
+def claim_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Hold OUT for this process alone and yield its resolved path: refuse an OUT another run is writing, clean
+    what a killed run left there, then check OUT (exists and no --force). Meanwhile a signal that would kill the
+    process raises KeyboardInterrupt instead, and a failure removes the parent directories the claim created."""
     out = Path(out)
     check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.lrs-tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with _sigterm_as_interrupt():  # before the directory exists: a SIGTERM from then on still removes it
-            tmp.mkdir()
-            yield tmp
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise LrsError(f"no space left on device while writing {out} (nothing was written)") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.lrs-old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(out)
+    target = _output_path(out)
+    if target in _claimed:
+        yield target
+        return
+    with interrupts_raised():
+        created = [p for p in target.parents if not p.exists()]
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _lock(target):
+                _claimed.add(target)
+                try:
+                    _clean_leftovers(target)
+                    check_output(out, force)
+                    yield target
+                finally:
+                    _claimed.discard(target)
+        except BaseException:
+            with _signals_held_back():
+                _remove_empty(created)
+            raise
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so a killed run still removes its temporary output."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+def atomic_output(out: str | os.PathLike, force: bool = False,
+                  replaces: Collection[str] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of OUT, under a claim on OUT; swap it into place only if the body completes.
+    `replaces`: the names inside OUT the output stands for; what else OUT holds is kept (None: OUT goes whole)."""
+    with claim_output(out, force) as target:
+        tmp = _sibling(target, "tmp")
+        try:
+            tmp.mkdir()
+            yield tmp
+            if replaces is not None and target.is_dir():
+                _keep_others(target, tmp, replaces)
+            _swap_in(tmp, target)
+        except BaseException as exc:
+            with _signals_held_back():
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise LrsError(f"no space left on device while writing {out} (nothing was written)") from None
+            raise
 
+
+def _sibling(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.lrs-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _keep_others(out: Path, tmp: Path, replaces: Collection[str]) -> None:
+    """Put what OUT holds beyond the output's own names into tmp: hard links (no copy), else copies."""
+    for entry in out.iterdir():
+        if entry.name in replaces or os.path.lexists(tmp / entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, tmp / entry.name)
+
+
+def _link_or_copy(source: str | os.PathLike, dest: str | os.PathLike) -> None:
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        os.link(source, dest, follow_symlinks=False)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(source, dest, follow_symlinks=False)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename tmp to OUT (the previous OUT removed after), with signals held back until both renames are done."""
+    with _signals_held_back() as held:
+        try:
+            if os.path.lexists(out):
+                old = _sibling(out, "old")
+                out.rename(old)
+                _rename_or_restore(tmp, out, old)
+                _remove(old)
+            else:
+                tmp.rename(out)
+        except OSError as exc:
+            raise LrsError(f"cannot put {out} in place: {exc.strerror or exc} (nothing was written)") from None
+    if held:
+        raise KeyboardInterrupt(f"interrupted; {out} was written just before")
+
+
+def _rename_or_restore(tmp: Path, out: Path, old: Path) -> None:
+    try:
+        tmp.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_empty(directories: Sequence[Path]) -> None:
+    """Remove the directories (deepest first) a failed run created, as long as nothing else was put in them."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """The exclusive claim on OUT: `.OUT.lrs-claim`, locked with flock and holding this process's pid."""
+    path = out.parent / f".{out.name}{CLAIM_SUFFIX}"
+    fd = _locked(path, out)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with _signals_held_back():
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+
+def _locked(path: Path, out: Path) -> int:
+    """Open and lock the claim file; again when its last holder removed the file just before we locked it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LrsError(f"{out} is being written by another lrs run (pid {holder}); "
+                           "wait for it or write elsewhere") from None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove what killed runs on OUT left (their pid is gone); put back an OUT one was killed while swapping out."""
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.lrs-*")):
+        match = LEFTOVER.fullmatch(path.name)
+        if match is None or match["out"] != out.name or _alive(int(match["pid"])):
+            continue
+        if match["kind"] == "old" and not os.path.lexists(out):
+            path.rename(out)
+        else:
+            _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def interrupts_raised() -> Iterator[None]:
+    """Turn every signal that would end the process uncleanly (hang-up, quit, terminate, user, alarm...) into
+    KeyboardInterrupt, so the run removes its temporary output; signals the program handles itself are left alone."""
+    try:
+        changed = {s: h for s in INTERRUPTS
+                   if (h := signal.getsignal(s)) in (signal.SIG_DFL, signal.default_int_handler)}
+        for s in changed:
+            signal.signal(s, _on_signal)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in changed.items():
+            signal.signal(s, handler)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if _held_back is not None:
+        _held_back.append(signum)
+        return
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_held_back() -> Iterator[list[int]]:
+    """Record signals instead of raising them, so a swap or a clean-up is never cut in half; yields the record."""
+    global _held_back
+    if _held_back is not None:
+        yield _held_back
+        return
+    _held_back = []
+    try:
+        yield _held_back
+    finally:
+        _held_back = None

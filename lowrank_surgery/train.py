@@ -4,8 +4,9 @@ Read top to bottom: set up the process group, load data, base and adapter; then 
 step, run `grad_accum` micro-batches (each rank takes its slice of every micro-batch, so the global
 batch does not depend on the number of processes), clip, step AdamW at the warmup+cosine learning
 rate, log, evaluate and checkpoint. OUT is the adapter directory (the format `lrs init` writes) plus
-metrics.jsonl, loss_curve.png and the hidden `.trainer/` state; every checkpoint rewrites OUT
-atomically, so OUT always holds one consistent, resumable step.
+metrics.jsonl, loss_curve.png (when matplotlib is installed) and the hidden `.trainer/` state; every
+checkpoint replaces these atomically (what else OUT holds is kept), so OUT always holds one consistent,
+resumable step. The run holds an exclusive claim on OUT from start to end.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import progress
-from .adapter import Adapter, load_adapter, write_adapter_files
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter, write_adapter_files
 from .attach import attach, trained_weights
 from .cards import adapter_card, read_metrics
-from .checkpoint import Checkpoint, atomic_output, check_output, load_tensors, resolve_model, save_tensors
+from .checkpoint import (Checkpoint, atomic_output, check_output, claim_output, load_tensors, resolve_model,
+                         save_tensors)
 from .data import IGNORE, Dataset, collate, load_dataset, step_indices
 from .errors import LrsError
 from .initialize import check_seed
@@ -37,6 +39,8 @@ from .initialize import check_seed
 STATE_DIR = ".trainer"  # hidden: `lrs push OUT` uploads the adapter, metrics and plot, not optimizer state
 METRICS = "metrics.jsonl"
 PLOT = "loss_curve.png"
+OUTPUTS = (CONFIG_NAME, WEIGHTS_NAME, "README.md", METRICS, PLOT, STATE_DIR)  # what a checkpoint replaces in OUT
+NO_PLOT = f"no {PLOT}: matplotlib is not installed (pip install matplotlib to plot the losses)"
 STREAM_SETTINGS = ("steps", "lr", "batch_size", "grad_accum", "seq_len", "warmup", "weight_decay",
                    "max_grad_norm", "packing", "seed", "data")  # must match for --resume to be exact
 
@@ -85,11 +89,14 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
                 non_negative={"--warmup": warmup, "--weight-decay": weight_decay}, seed=seed)
     ctx = _setup_distributed(device)
     try:
-        return _run(ctx, adapter, base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
-                    grad_accum=grad_accum, seq_len=seq_len, eval_data=eval_data, eval_every=eval_every,
-                    save_every=save_every, warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                    grad_checkpointing=grad_checkpointing, packing=packing, resume=resume, seed=seed,
-                    cola_strategy=cola_strategy, on_log=on_log)
+        with claim_output(out, force or resume) if ctx.main else nullcontext():
+            return _run(ctx, adapter, base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                        grad_accum=grad_accum, seq_len=seq_len, eval_data=eval_data, eval_every=eval_every,
+                        save_every=save_every, warmup=warmup, weight_decay=weight_decay,
+                        max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, packing=packing,
+                        resume=resume, seed=seed, cola_strategy=cola_strategy, on_log=on_log)
+    except KeyboardInterrupt as exc:
+        raise exc if exc.args else _interrupted(out) from None
     finally:
         if ctx.world > 1:
             torch.distributed.destroy_process_group()
@@ -125,12 +132,13 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
         torch.manual_seed(seed + ctx.rank)  # dropout streams; a resumed run restores them instead
     engine = _wrap(model, ctx)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    plt = pyplot()
 
     def evaluate() -> float:
         return evaluate_loss(model, eval_set, batch_size, pad_id, ctx)
 
-    def save(step: int) -> None:
-        save_checkpoint(out, start_adapter, model, optimizer, step, records, settings, ctx)
+    def save(step: int, keep_others: bool) -> None:
+        save_checkpoint(out, start_adapter, model, optimizer, step, records, settings, ctx, plt, keep_others)
 
     if eval_set is not None and start == 0:
         records.append({"step": 0, "eval_loss": evaluate()})
@@ -163,11 +171,21 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
             if not all(bool(torch.isfinite(p).all()) for p in trainable):  # a finite loss can precede them
                 raise LrsError(f"adapter parameters hold NaN or Inf after step {step + 1} (learning rate or weight "
                                f"decay too large?); stopped, {_kept(out, saved)}")
-            save(step + 1)
+            save(step + 1, keep_others=resume or saved > 0)
             saved = step + 1
     if bar is not None:
         bar.close()
-    return summarize(out, records, train_set, eval_set, start, total, trainable, ctx, time.perf_counter() - began)
+    return summarize(out, records, train_set, eval_set, start, total, trainable, ctx, time.perf_counter() - began,
+                     plotted=plt is not None)
+
+
+def _interrupted(out: Path) -> KeyboardInterrupt:
+    """The interrupt to report: saying which checkpoint OUT keeps, when it has one."""
+    try:
+        step = json.loads((out / STATE_DIR / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return KeyboardInterrupt()
+    return KeyboardInterrupt(f"interrupted; {out} keeps its checkpoint of step {step}")
 
 
 def _kept(out: Path, saved: int) -> str:
@@ -179,7 +197,9 @@ def _check_args(out: Path, resume: bool, force: bool, steps, epochs, inputs: Seq
                 positive: dict[str, float | None], non_negative: dict[str, float | None], seed: int) -> None:
     if resume and not (out / STATE_DIR / "state.json").is_file():
         raise LrsError(f"--resume: {out} holds no training checkpoint ({STATE_DIR}/state.json)")
-    if not resume:
+    if resume:  # the checkpoint replaces only lrs's own files in OUT; ADAPTER is not read (OUT holds it)
+        check_output(out, True, inputs[1:], replaces=OUTPUTS)
+    else:
         check_output(out, force, inputs)
     if steps is not None and epochs is not None:
         raise LrsError("give --steps or --epochs, not both")
@@ -322,17 +342,21 @@ def evaluate_loss(model: nn.Module, data: Dataset, batch_size: int, pad_id: int,
 
 # ---------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out: Path, adapter: Adapter, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    records: list[dict], settings: dict, ctx: Context) -> None:
-    """Rewrite OUT atomically: adapter files, metrics, plot, card and the state needed to resume."""
+                    records: list[dict], settings: dict, ctx: Context, plt: Any, keep_others: bool) -> None:
+    """Rewrite OUT atomically: adapter files, metrics, plot (with pyplot `plt`), card and the state needed to resume.
+    keep_others: keep what else OUT holds (else OUT is replaced whole, as --force asks of a new run)."""
     rng = _gather_rng(ctx)
     if not ctx.main:
         return
     trained = Adapter(adapter.config, trained_weights(model))
     tensors, groups = _optimizer_tensors(optimizer)
-    with atomic_output(out, force=True) as tmp:
+    with atomic_output(out, force=True, replaces=OUTPUTS if keep_others else None) as tmp:
         (tmp / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
-        plot_losses(records, tmp / PLOT)
-        write_adapter_files(trained, tmp, adapter_card(trained, metrics=read_metrics(tmp), images=[PLOT]))
+        images = []
+        if plt is not None:
+            plot_losses(records, tmp / PLOT, plt)
+            images = [PLOT]
+        write_adapter_files(trained, tmp, adapter_card(trained, metrics=read_metrics(tmp), images=images))
         state = tmp / STATE_DIR
         state.mkdir()
         save_tensors({k: t.reshape(t.shape or (1,)) for k, t in tensors.items()}, state / "optimizer.safetensors")
@@ -393,13 +417,20 @@ def _set_rng(states: dict[str, torch.Tensor], ctx: Context, fallback_seed: int) 
         torch.cuda.set_rng_state(states[f"cuda.{ctx.rank}"], ctx.device)
 
 
-def plot_losses(records: list[dict], path: Path) -> None:
-    """Training (and evaluation) loss against step, as a PNG."""
-    import matplotlib
-
+def pyplot() -> Any:
+    """matplotlib.pyplot drawing to files, or None when matplotlib is not installed (the plot is optional)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_losses(records: list[dict], path: Path, plt: Any) -> None:
+    """Training (and evaluation) loss against step, as a PNG."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
@@ -415,7 +446,7 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 
 def summarize(out: Path, records: list[dict], train_set: Dataset, eval_set: Dataset | None, start: int, total: int,
-              trainable: list[torch.Tensor], ctx: Context, seconds: float) -> dict[str, Any]:
+              trainable: list[torch.Tensor], ctx: Context, seconds: float, plotted: bool) -> dict[str, Any]:
     """What the run did, for the CLI and for scripts."""
     ran = [r for r in records if r["step"] > start and "loss" in r]
     last = lambda key: next((r[key] for r in reversed(records) if key in r), None)  # noqa: E731
@@ -423,5 +454,5 @@ def summarize(out: Path, records: list[dict], train_set: Dataset, eval_set: Data
             "truncated": train_set.truncated, "dropped": train_set.dropped,
             "eval_examples": len(eval_set) if eval_set else None, "loss": last("loss"), "eval_loss": last("eval_loss"),
             "trainable_parameters": sum(p.numel() for p in trainable), "processes": ctx.world,
-            "seconds": round(seconds, 2),
+            "seconds": round(seconds, 2), "notes": [] if plotted else [NO_PLOT],
             "tokens_per_s": round(sum(r["tokens_per_s"] for r in ran) / len(ran), 1) if ran else None}
