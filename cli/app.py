@@ -42,8 +42,20 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc, str(exc))
     except OSError as exc:
         _fail(exc, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-    except KeyboardInterrupt as exc:
-        _fail(exc, str(exc) or "interrupted; nothing was written", code=130)  # train says which checkpoint OUT keeps
+    except (KeyboardInterrupt, SystemExit) as exc:
+        interrupt = _interrupt_behind(exc)
+        if interrupt is None:
+            raise
+        _fail(interrupt, str(interrupt) or "interrupted; nothing was written", code=130)  # train names its checkpoint
+
+
+def _interrupt_behind(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The interrupt that ended the run, if one did (Typer turns it into a silent exit 130 chained to it)."""
+    if isinstance(exc, SystemExit) and exc.code != 130:
+        return None
+    while exc is not None and not isinstance(exc, KeyboardInterrupt):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 _python_showwarning = warnings.showwarning
