@@ -293,3 +293,53 @@ def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(LrsError, match="1 are visible.*--nproc_per_node.*--device cpu"):
         train_module._setup_distributed("auto")
+
+
+# ---------------------------------------------------------------------------- OUT
+def test_without_matplotlib_the_run_completes_without_a_plot(lrs, setup, tmp_path, monkeypatch):
+    """matplotlib is only in the examples extra: a plain install must not lose the run for the plot."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    out = tmp_path / "out"
+    res = lrs("train", setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--out", out,
+              "--steps", "2", "--batch-size", "4", "--seq-len", "16", "--save-every", "1")
+    assert res.code == 0, res.stderr
+    assert res.stderr == "warning: no loss_curve.png: matplotlib is not installed (pip install matplotlib to plot the losses)\n"
+    assert json.loads((out / STATE_DIR / "state.json").read_text())["step"] == 2 and train_module.load_adapter(out).weights
+    assert not (out / "loss_curve.png").exists() and "loss_curve" not in (out / "README.md").read_text()
+
+
+def test_resume_keeps_what_else_out_holds(setup, tmp_path):
+    """A checkpoint replaces only what lrs wrote in OUT: the user's notes and the run's own --data stay."""
+    args = dict(steps=4, lr=1e-2, batch_size=4, seq_len=32, save_every=2)
+    out = tmp_path / "out"
+
+    def interrupt(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt, match=f"interrupted; {out} keeps its checkpoint of step 2"):
+        train(setup["adapter"], setup["base"], setup["data"], out, on_log=interrupt, **args)
+    data = write_jsonl(out / "my-data.jsonl", QA)  # the same examples, now kept inside OUT
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("compare with rank 8")
+    with pytest.raises(LrsError, match="would replace the input"):  # a file of the checkpoint's own is refused
+        train(setup["adapter"], setup["base"], write_jsonl(out / STATE_DIR / "data.jsonl", QA), out, resume=True, **args)
+    summary = train(setup["adapter"], setup["base"], data, out, resume=True, **args)
+    assert summary["resumed_from"] == 2 and json.loads((out / STATE_DIR / "state.json").read_text())["step"] == 4
+    assert data.read_text() == write_jsonl(tmp_path / "copy.jsonl", QA).read_text()
+    assert (out / "notes" / "todo.txt").read_text() == "compare with rank 8"
+
+
+def test_a_run_holds_out_from_start_to_end(setup, tmp_path):
+    """A second run on an OUT another run holds (even before its first checkpoint) is refused."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lowrank_surgery.checkpoint import "
+                               "claim_output\nwith claim_output(sys.argv[1]):\n print('held', flush=True); time.sleep(60)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(LrsError, match=f"{out} is being written by another lrs run \\(pid {holder.pid}\\)"):
+            train(setup["adapter"], setup["base"], setup["data"], out, steps=1, batch_size=4, seq_len=16)
+    finally:
+        holder.kill()
+        holder.wait()
