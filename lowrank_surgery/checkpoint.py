@@ -662,7 +662,7 @@ def claim_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
                 _claimed.add(target)
                 try:
                     _clean_leftovers(target)
-                    check_output(out, force)
+                    check_output(out, force)  # again: a run may have completed OUT meanwhile, or a leftover restored it
                     yield target
                 finally:
                     _claimed.discard(target)

@@ -3,6 +3,7 @@ live inside OUT, signals, concurrent runs, what a killed run leaves, parent dire
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -125,6 +126,26 @@ def test_failed_run_removes_the_parents_it_created(tmp_path):
         (tmp / "half.txt").write_text("x")
         raise RuntimeError("boom")
     assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+
+
+@pytest.mark.parametrize("failing", ["moving OUT aside", "moving the new output in"])
+def test_a_rename_that_fails_keeps_out_and_leaves_nothing(tmp_path, monkeypatch, failing):
+    """The final renames sit inside the cleanup: EBUSY (a mount point, say) restores OUT and removes the rest."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("kept")
+    rename = Path.rename
+
+    def busy(self, target):
+        if (self == out) == (failing == "moving OUT aside") and ".lrs-old-" not in self.name:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", busy)
+    with pytest.raises(LrsError, match="cannot put .* in place: Device or resource busy"):
+        with atomic_output(out, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["previous.txt"] and not leftovers(tmp_path)
 
 
 def test_leftovers_of_a_killed_run_are_cleaned_and_a_half_swapped_out_restored(tmp_path):
