@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import lowrank_surgery as lrs
 from lowrank_surgery.adapter import save_adapter
