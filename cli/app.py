@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         args = [a for a in args if a != flag]
     progress.QUIET = STATE["quiet"]
     try:
-        # catch_warnings restores showwarning afterwards; interrupts_raised: hang-up, quit, terminate... give the
-        # one-line message, and outputs are cleaned up
+        # catch_warnings restores showwarning afterwards; interrupts_raised turns hang-up, quit, terminate...
+        # into KeyboardInterrupt: the one-line message below, and outputs cleaned up
         with warnings.catch_warnings(), interrupts_raised():
             warnings.simplefilter("always", LrsWarning)
             warnings.showwarning = _show_warning
