@@ -193,6 +193,9 @@ def _kept(out: Path, saved: int) -> str:
     return f"{out} keeps the last good checkpoint (step {saved})" if saved else "no checkpoint was written"
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the optimizer's float32 steps overflow past it: "finite" means below
+
+
 def _check_args(out: Path, resume: bool, force: bool, steps, epochs, inputs: Sequence[object],
                 positive: dict[str, float | None], non_negative: dict[str, float | None], seed: int) -> None:
     if resume and not (out / STATE_DIR / "state.json").is_file():
@@ -204,10 +207,10 @@ def _check_args(out: Path, resume: bool, force: bool, steps, epochs, inputs: Seq
     if steps is not None and epochs is not None:
         raise LrsError("give --steps or --epochs, not both")
     for name, value in positive.items():
-        if value is not None and not 0 < value < math.inf:  # also refuses nan
+        if value is not None and not 0 < value <= FLOAT32_MAX:  # also refuses nan
             raise LrsError(f"{name} must be positive and finite, got {value}")
     for name, value in non_negative.items():
-        if value is not None and not 0 <= value < math.inf:
+        if value is not None and not 0 <= value <= FLOAT32_MAX:
             raise LrsError(f"{name} must be at least 0 and finite, got {value}")
     check_seed(seed)
 

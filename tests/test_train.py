@@ -259,6 +259,7 @@ BAD_TRAIN = {  # expected message: `lrs train` arguments but --out and the commo
     "no usable tokenizer": lambda f: [f["adapter"], "--base", f["qwen2"], "--data", f["data"]],
     "--lr must be positive and finite, got nan": lambda f: _option(f, "--lr", "nan"),
     "--lr must be positive and finite, got inf": lambda f: _option(f, "--lr", "inf"),
+    "--lr must be positive and finite, got 1e+300": lambda f: _option(f, "--lr", "1e300"),
     "--weight-decay must be at least 0 and finite, got inf": lambda f: _option(f, "--weight-decay", "inf"),
     "--max-grad-norm must be positive": lambda f: _option(f, "--max-grad-norm", "-1"),
     "--warmup must be at least 0": lambda f: _option(f, "--warmup", "-1"),
