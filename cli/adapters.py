@@ -10,7 +10,7 @@ import typer
 from ..adapter import save_adapter
 from ..checkpoint import check_output
 from ..initialize import init_adapter
-from .base import app, say
+from .base import ALLOW_PICKLE, app, say
 
 METHOD_HELP = "Method-specific options (an error if given for another method)."
 
@@ -37,6 +37,7 @@ def init(
     device: str = typer.Option("auto", "--device", help="Where the SVDs of pissa and cola run: auto (CUDA when present), cpu or cuda."),
     revision: str = typer.Option(None, "--revision", help="Hub revision of --base."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    allow_pickle: bool = ALLOW_PICKLE,
     subspace: Path = typer.Option(None, "--subspace", help="cora: subspace directory from extract-subspace.", rich_help_panel=METHOD_HELP),
     cora_mode: str = typer.Option(None, "--cora-mode", help="cora: frozen (B fixed) or init (B trains).", rich_help_panel=METHOD_HELP),
     a_init: str = typer.Option(None, "--a-init", help="cora: zeros or kaiming.", rich_help_panel=METHOD_HELP),
@@ -54,8 +55,8 @@ def init(
              "init_svd": init_svd, "niter": niter, "num_a": num_a, "num_b": num_b, "strategy": strategy,
              "variant": variant, "mini_r": mini_r}
     adapter = init_adapter(method.value, base, r=rank, alpha=alpha, targets=targets, dropout=dropout, rslora=rslora,
-                           seed=seed, revision=revision, options={k: v for k, v in given.items() if v is not None},
-                           device=device)
+                           seed=seed, revision=revision, allow_pickle=allow_pickle,
+                           options={k: v for k, v in given.items() if v is not None}, device=device)
     save_adapter(adapter, out, force=force)
     say(f"wrote {method.value} adapter to {out}: {len(adapter.weights)} modules, "
         f"{adapter.num_parameters(trainable_only=True):,} trainable parameters")

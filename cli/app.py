@@ -26,10 +26,9 @@ def _global(
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: user errors print one line on stderr and exit 1 (tracebacks only with --debug)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    for flag in GLOBAL_FLAGS:  # accepted anywhere on the line, not only before the command
-        STATE[flag[2:]] = flag in args
-        args = [a for a in args if a != flag]
+    args, flags = split_global_flags(list(sys.argv[1:] if argv is None else argv))
+    for flag in GLOBAL_FLAGS:
+        STATE[flag[2:]] = flag in flags
     progress.QUIET = STATE["quiet"]
     try:
         # catch_warnings restores showwarning afterwards; interrupts_raised turns hang-up, quit, terminate...
@@ -67,6 +66,33 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         warn(str(message))
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
+
+
+def split_global_flags(args: list[str]) -> tuple[list[str], set[str]]:
+    """(args without the global flags, the global flags given): accepted anywhere on the line, but not where they
+    are an option's value (`--message --debug`) or follow `--`."""
+    value_options = _value_options(args)
+    rest: list[str] = []
+    flags: set[str] = set()
+    takes_value = False
+    for i, arg in enumerate(args):
+        if arg == "--" and not takes_value:
+            return rest + args[i:], flags
+        if arg in GLOBAL_FLAGS and not takes_value:
+            flags.add(arg)
+        else:
+            rest.append(arg)
+        takes_value = not takes_value and arg in value_options
+    return rest, flags
+
+
+def _value_options(args: list[str]) -> set[str]:
+    """The option names that take a value, of the command `args` name (their first word but a global flag)."""
+    name = next((a for a in args if a not in GLOBAL_FLAGS), None)
+    command = typer.main.get_command(app).commands.get(name)  # type: ignore[attr-defined]
+    params = command.params if command is not None else []
+    return {option for p in params if getattr(p, "is_flag", True) is False  # options with a value; arguments have no is_flag
+            for option in p.opts + p.secondary_opts}
 
 
 def _fail(exc: BaseException, message: str, code: int = 1) -> None:

@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 
 STATE = {"quiet": False, "debug": False}
+ALLOW_PICKLE = typer.Option(False, "--allow-pickle",
+                            help="Read a pickled .bin/.pt checkpoint (torch.load weights_only=True).")
 
 ColaStrategy = Enum("ColaStrategy", {name: name for name in STRATEGIES}, type=str)
 COLA_STRATEGY = typer.Option(None, "--cola-strategy", help="The strategy an original-code CoLA adapter was trained "

@@ -9,7 +9,7 @@ import typer
 
 from ..convert import convert as convert_adapter
 from ..extract import extract_lora as extract
-from .base import COLA_STRATEGY, ColaStrategy, app, print_json, say, strategy_value, table, warn
+from .base import ALLOW_PICKLE, COLA_STRATEGY, ColaStrategy, app, print_json, say, strategy_value, table, warn
 
 
 class Format(str, Enum):
@@ -37,11 +37,12 @@ def convert(
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Accept a truncated SVD where ΔW is not exact."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     cola_strategy: ColaStrategy = COLA_STRATEGY,
+    allow_pickle: bool = ALLOW_PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Convert an adapter to PEFT LoRA, PEFT MiSS, CoLA, kohya or mlx-lm, exactly where ΔW is low-rank."""
     report = convert_adapter(adapter, out, to.value, base=base, rank=rank, allow_lossy=allow_lossy, force=force,
-                             cola_strategy=strategy_value(cola_strategy))
+                             cola_strategy=strategy_value(cola_strategy), allow_pickle=allow_pickle)
     for message in report["warnings"]:
         warn(message)
     if as_json:
@@ -70,11 +71,13 @@ def extract_lora(
     save_changed: bool = typer.Option(False, "--save-changed", help="Keep every changed tensor a LoRA cannot hold "
                                                                     "(norms, embeddings, ...) whole."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    allow_pickle: bool = ALLOW_PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Extract a LoRA from the difference of two checkpoints, with the energy it retains per module."""
     report = extract(finetuned, base, out, rank, targets=targets, algorithm=algorithm.value, niter=niter,
-                     device=device, force=force, save_modules=save_module, save_changed=save_changed)
+                     device=device, force=force, save_modules=save_module, save_changed=save_changed,
+                     allow_pickle=allow_pickle)
     if as_json:
         print_json(report)
         return

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..merge import MergeReport, merge as merge_adapter, unmerge as unmerge_adapter
-from .base import COLA_STRATEGY, ColaStrategy, app, print_json, say, strategy_value
+from .base import ALLOW_PICKLE, COLA_STRATEGY, ColaStrategy, app, print_json, say, strategy_value
 
 
 class Dtype(str, Enum):
@@ -29,7 +29,6 @@ SHARD = typer.Option(None, "--max-shard-size", help="Reshard the output (e.g. 5G
 DEVICE = typer.Option(Device.auto, "--device", help="Where W ± ΔW is computed (auto: CUDA when present).")
 FORCE = typer.Option(False, "--force", help="Overwrite OUT if it exists.")
 REVISION = typer.Option(None, "--revision", help="Hub revision of the base / merged model.")
-PICKLE = typer.Option(False, "--allow-pickle", help="Read a pickled .bin checkpoint (torch.load weights_only=True).")
 JSON = typer.Option(False, "--json", help="Print the report as JSON for scripts.")
 
 
@@ -39,7 +38,7 @@ def merge(
     base: str = typer.Argument(..., help="Base model: local directory, .safetensors file or Hub id."),
     out: Path = typer.Argument(..., help="Directory for the merged checkpoint."),
     dtype: Dtype = DTYPE, max_shard_size: str = SHARD, device: Device = DEVICE, force: bool = FORCE,
-    revision: str = REVISION, allow_pickle: bool = PICKLE, cola_strategy: ColaStrategy = COLA_STRATEGY,
+    revision: str = REVISION, allow_pickle: bool = ALLOW_PICKLE, cola_strategy: ColaStrategy = COLA_STRATEGY,
     as_json: bool = JSON,
 ) -> None:
     """Fold an adapter into its base: a full checkpoint with W + ΔW, streamed shard by shard."""
@@ -55,7 +54,7 @@ def unmerge(
     merged: str = typer.Argument(..., help="Merged checkpoint: local directory, .safetensors file or Hub id."),
     out: Path = typer.Argument(..., help="Directory for the recovered base checkpoint."),
     dtype: Dtype = DTYPE, max_shard_size: str = SHARD, device: Device = DEVICE, force: bool = FORCE,
-    revision: str = REVISION, allow_pickle: bool = PICKLE, cola_strategy: ColaStrategy = COLA_STRATEGY,
+    revision: str = REVISION, allow_pickle: bool = ALLOW_PICKLE, cola_strategy: ColaStrategy = COLA_STRATEGY,
     as_json: bool = JSON,
 ) -> None:
     """Take a merged adapter back out: W = W' − ΔW (the method's exact inverse), with its rounding bound."""

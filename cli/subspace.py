@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..subspace import DEFAULT_NITER, DEFAULT_TARGETS, extract_subspace as extract, summary_rows
-from .base import app, print_json, say, table
+from .base import ALLOW_PICKLE, app, print_json, say, table
 
 
 class Scope(str, Enum):
@@ -39,11 +39,12 @@ def extract_subspace(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     revision: str = typer.Option(None, "--revision", help="Hub revision of the models."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    allow_pickle: bool = ALLOW_PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print subspace.json."),
 ) -> None:
     """Compute CoRA common subspaces (top-r left singular vectors of the concatenated weights)."""
     info = extract(models, out, rank=rank, targets=targets, scope=scope.value, algorithm=algorithm.value,
-                   niter=niter, device=device, revision=revision, force=force)
+                   niter=niter, device=device, revision=revision, force=force, allow_pickle=allow_pickle)
     if as_json:
         print_json(info)
         return

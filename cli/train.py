@@ -9,7 +9,7 @@ import typer
 
 from .. import progress
 from ..train import train as train_adapter
-from .base import COLA_STRATEGY, STATE, ColaStrategy, app, print_json, say, strategy_value, warn
+from .base import ALLOW_PICKLE, COLA_STRATEGY, STATE, ColaStrategy, app, print_json, say, strategy_value, warn
 
 
 @app.command(epilog="Example: lrs train lora-adapter --base ./SmolLM2-135M --data train.jsonl --out trained "
@@ -39,6 +39,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed for data order and dropout."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     cola_strategy: ColaStrategy = COLA_STRATEGY,
+    allow_pickle: bool = ALLOW_PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Train an adapter (any method) with AdamW, warmup + cosine, accumulation, clipping and checkpoints."""
@@ -48,7 +49,7 @@ def train(
                             save_every=save_every, warmup=warmup, weight_decay=weight_decay,
                             max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, packing=packing,
                             resume=resume, force=force, seed=seed, device=device,
-                            cola_strategy=strategy_value(cola_strategy), on_log=log)
+                            cola_strategy=strategy_value(cola_strategy), allow_pickle=allow_pickle, on_log=log)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
         return
     for note in summary["notes"]:

@@ -8,6 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -142,9 +143,10 @@ def load_adapter(path: str | os.PathLike, cola_strategy: str | None = None) -> A
         raise LrsError(f"no such file or directory: {path}")
     config = read_config(path)
     try:
-        method = method_from_json(config, cola_strategy)
-    except (TypeError, ValueError) as exc:  # a field of the wrong type, e.g. "r": "four"
-        raise LrsError(f"{path / CONFIG_NAME}: malformed field ({exc})") from None
+        check_config_json(config)
+    except LrsError as exc:
+        raise LrsError(f"{path / CONFIG_NAME}: {exc}") from None
+    method = method_from_json(config, cola_strategy)
     weights_path = path / WEIGHTS_NAME
     if not weights_path.is_file():
         if (path / "adapter_model.bin").is_file():
@@ -169,6 +171,70 @@ def split_saved(tensors: dict[str, torch.Tensor], modules: list[str]
         else:
             rest[key] = tensor
     return saved, rest
+
+
+def _positive_int(value: Any) -> bool:
+    return type(value) is int and value >= 1  # not bool, not 4.9 (which int() would silently make 4)
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _fraction(value: Any) -> bool:
+    return value is None or (_number(value) and 0 <= value < 1)
+
+
+def _flag(value: Any) -> bool:
+    return value is None or type(value) is bool
+
+
+def _names(value: Any) -> bool:
+    return value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _pattern(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or (isinstance(value, dict) and all(check(v) for v in value.values()))
+
+
+def _block(value: Any) -> bool:
+    return value is None or isinstance(value, dict)
+
+
+Field = tuple[Callable[[Any], bool], str]
+POSITIVE_INT: Field = (_positive_int, "a positive integer")
+NUMBER: Field = (_number, "a finite number")
+CONFIG_FIELDS: dict[str, Field] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"), "r": POSITIVE_INT, "lora_alpha": NUMBER,
+    "lora_dropout": (_fraction, "a number in [0, 1) or null"), "miss_dropout": (_fraction, "a number in [0, 1) or null"),
+    "use_rslora": (_flag, "true or false"), "fan_in_fan_out": (_flag, "true or false"),
+    "target_modules": (_names, "a module name, a list of names or null"),
+    "rank_pattern": (_pattern(_positive_int), "an object of positive integers or null"),
+    "alpha_pattern": (_pattern(_number), "an object of finite numbers or null"),
+    "num_A": POSITIVE_INT, "num_B": POSITIVE_INT, "mini_r": (lambda v: v is None or _positive_int(v), "a positive integer or null"),
+    "lrs": (_block, "an object"),
+}
+LRS_FIELDS: dict[str, Field] = {"method": (lambda v: isinstance(v, str), "a string"), "r": POSITIVE_INT, "alpha": NUMBER,
+                                "num_a": POSITIVE_INT, "num_b": POSITIVE_INT, "seed": (lambda v: type(v) is int, "an integer")}
+
+
+def check_fields(data: dict[str, Any], fields: dict[str, Field], where: str = "") -> None:
+    """Refuse a field of the wrong type or range, naming it (`where` is the enclosing block, e.g. 'lrs.')."""
+    for key, (check, expected) in fields.items():
+        if key in data and not check(data[key]):
+            raise LrsError(f"{where}{key} must be {expected}, got {json.dumps(data[key])}")
+
+
+def check_config_json(data: dict[str, Any]) -> None:
+    """The one check of adapter_config.json contents, before any method reads them: types, ranges, regexes."""
+    check_fields(data, CONFIG_FIELDS)
+    check_fields(data.get("lrs") or {}, LRS_FIELDS, "lrs.")
+    for name in ("rank_pattern", "alpha_pattern"):
+        for key in data.get(name) or {}:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise LrsError(f"{name} key {key!r} is not a regular expression ({exc})") from None
 
 
 def split_key(key: str, param_names: tuple[str, ...]) -> tuple[str, str] | None:

@@ -42,6 +42,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
               "added_tokens.json", "chat_template.jinja", "chat_template.json")
 INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 MAX_HEADER = 100 * 2**20
 
 
@@ -192,7 +193,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         for shard in self.shards:
-            if shard.suffix == ".bin":
+            if shard.suffix in PICKLE_SUFFIXES:
                 self._load_pickle(shard)
             else:
                 self.tensors.update(read_header(shard)[0])
@@ -200,6 +201,7 @@ class Checkpoint:
         self.quantization = quant_method(self.config)
         self._scales: dict[str, TensorInfo] = {}  # fp8 weight -> its block scales, once dequantize_fp8 is called
         self._block: tuple[int, int] = (1, 1)  # the rows × columns each scale covers
+        check_model_config(self.config, self.path / "config.json")
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source.id!r}, {len(self.shards)} shard(s), {len(self.tensors)} tensors)"
@@ -208,15 +210,12 @@ class Checkpoint:
         if self.path.is_file():
             if self.path.suffix == ".safetensors":
                 return [self.path]
-            if self.path.suffix in (".bin", ".pt", ".pth"):
+            if self.path.suffix in PICKLE_SUFFIXES:
                 return [self._check_pickle(self.path, allow_pickle)]
             raise LrsError(f"{self.path}: not a .safetensors file")
         index = self.path / INDEX_NAME
         if index.is_file():
-            weight_map = self._read_json(INDEX_NAME).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise LrsError(f"{index}: no weight_map")
-            shards = [self.path / f for f in sorted(set(weight_map.values()))]
+            shards = [self.path / f for f in index_shards(self._read_json(INDEX_NAME), index)]
             missing = [s.name for s in shards if not s.is_file()]
             if missing:
                 raise LrsError(f"{index} lists shard {missing[0]}, which is missing")
@@ -240,6 +239,10 @@ class Checkpoint:
             state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises many kinds for a bad or unsafe pickle
             raise LrsError(f"{shard}: cannot load with torch.load(weights_only=True): {str(exc).splitlines()[0]}") from None
+        if not (isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values())):
+            kinds = sorted({type(t).__name__ for t in state.values()} - {"Tensor"}) if isinstance(state, dict) else []
+            held = f"a dict holding {', '.join(kinds)}" if kinds else f"a {type(state).__name__}"
+            raise LrsError(f"{shard}: expected a flat state dict of tensor names to tensors, found {held}")
         self._pickled[shard] = state
         for name, t in state.items():
             self.tensors[name] = TensorInfo(name, shard, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
@@ -494,6 +497,30 @@ def parse_size(text: str | int) -> int:
     if size < 1:
         raise LrsError(f"size {text!r} is less than one byte (expected e.g. 5GB or 500MB)")
     return size
+
+
+def index_shards(index: dict, where: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json names, validated: one place for every index check."""
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LrsError(f"{where}: no weight_map")
+    bad = next((name for name, file in weight_map.items() if not (isinstance(file, str) and file)), None)
+    if bad is not None:
+        raise LrsError(f"{where}: weight_map gives {json.dumps(weight_map[bad])} for {bad}, not a shard file name")
+    files = sorted(set(weight_map.values()))
+    by_name: dict[str, str] = {}
+    for file in files:
+        other = by_name.setdefault(Path(file).name, file)
+        if other != file:  # outputs keep the shard names, so two would collide
+            raise LrsError(f"{where}: shards {other} and {file} have the same file name")
+    return files
+
+
+def check_model_config(config: dict, where: Path) -> None:
+    """Refuse a config.json whose fields lrs reads have the wrong type."""
+    names = config.get("architectures")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise LrsError(f"{where}: architectures must be a list of class names, got {json.dumps(names)}")
 
 
 def read_json_object(path: Path) -> dict:

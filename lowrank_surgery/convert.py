@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from .adapter import (CONFIG_NAME, WEIGHTS_NAME, Adapter, AdapterConfig, load_adapter, read_config,
-                      write_adapter_files)
+from .adapter import (CONFIG_FIELDS, CONFIG_NAME, NUMBER, POSITIVE_INT, WEIGHTS_NAME, Adapter, AdapterConfig, check_fields,
+                      load_adapter, read_config, write_adapter_files)
 from .checkpoint import Checkpoint, ModelSource, atomic_output, check_output, read_header, save_tensors
 from .errors import LrsError
 from .initialize import load_weight
@@ -55,6 +55,7 @@ KOHYA_PREFIX = "lora_te_"
 KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 MLX_WEIGHTS = "adapters.safetensors"
 MLX_SUFFIXES = {".lora_a": "lora_a", ".lora_b": "lora_b"}
+MLX_FIELDS = {"scale": NUMBER, "rank": POSITIVE_INT, "dropout": CONFIG_FIELDS["lora_dropout"]}
 EXACT_TOL = 1e-4  # relative error above which an "exact" pair is reported as not reproducing delta()
 
 Pairs = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (B, A, s) with ΔW = s·B·A
@@ -128,12 +129,19 @@ def read_kohya(file: Path, base: Checkpoint | None = None) -> tuple[Adapter, str
         r = down.shape[0]
         if "alpha" not in parts:
             missing_alpha.append(name)
-        # .alpha is a 0-d tensor: float32, fp16/bf16 (--save_precision) or int64 (an integer alpha); 0 means r
-        alpha = float(parts["alpha"]) if "alpha" in parts else 0.0
+        alpha = _kohya_alpha(file, name, parts["alpha"]) if "alpha" in parts else 0.0
         pairs[resolve(name)] = (up, down, (alpha or r) / r)
     warnings = [f"{len(missing_alpha)} kohya module(s) have no .alpha (e.g. {missing_alpha[0]}): using alpha = r"] \
         if missing_alpha else []
     return lora_adapter(pairs, _plain_config(base)), "kohya", warnings
+
+
+def _kohya_alpha(file: Path, name: str, alpha: torch.Tensor) -> float:
+    """A module's .alpha: one finite number (a 0-d float32, fp16/bf16 from --save_precision, or int64); 0 means r."""
+    value = float(alpha.reshape(-1)[0]) if alpha.numel() == 1 else math.nan
+    if not math.isfinite(value):
+        raise LrsError(f"{file}: kohya module {name} has .alpha {alpha.tolist()}, not one finite number")
+    return value
 
 
 def _linear_pair(file: Path, name: str, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +166,7 @@ def _kohya_resolver(file: Path, base: Checkpoint | None) -> Callable[[str], str]
         table = {_mangle(t.path): t.path for t in linear_targets(base)}
         source = f"base {base.source.id}"
     else:
-        table = json.loads(read_header(file)[1].get("lrs_modules", "null") or "null")
+        table = _lrs_modules(file)
         if table is None:
             raise LrsError(f"{file}: kohya module names use '_' for '.', so lrs needs the base model (--base MODEL) "
                            "to map them back to module paths")
@@ -175,6 +183,20 @@ def _kohya_resolver(file: Path, base: Checkpoint | None) -> Callable[[str], str]
     return resolve
 
 
+def _lrs_modules(file: Path) -> dict[str, str] | None:
+    """The `lrs_modules` metadata lrs writes into kohya files (kohya name -> module path), or None."""
+    text = read_header(file)[1].get("lrs_modules")
+    if not text:
+        return None
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError:
+        table = None
+    if not (isinstance(table, dict) and all(isinstance(v, str) for v in table.values())):
+        raise LrsError(f"{file}: metadata lrs_modules is not a JSON object of kohya names to module paths")
+    return table
+
+
 def _mangle(path: str) -> str:
     return path.replace(".", "_")
 
@@ -186,8 +208,12 @@ def read_mlx(directory: Path, base: Checkpoint | None = None) -> Adapter:
     if kind != "lora":
         raise LrsError(f"{directory}: mlx-lm fine_tune_type {kind!r} is not a LoRA (only 'lora' converts)")
     params = config.get("lora_parameters") or {}
-    if "scale" not in params:
+    if not isinstance(params, dict) or "scale" not in params:
         raise LrsError(f"{directory}/{CONFIG_NAME}: lora_parameters has no scale")
+    try:
+        check_fields(params, MLX_FIELDS, "lora_parameters.")
+    except LrsError as exc:
+        raise LrsError(f"{directory / CONFIG_NAME}: {exc}") from None
     file = directory / MLX_WEIGHTS
     if not file.is_file():
         raise LrsError(f"{directory}: no {MLX_WEIGHTS}")
@@ -400,7 +426,7 @@ def _layer_key(path: str) -> tuple[int | None, str]:
 
 def convert(adapter_path: str | os.PathLike, out: str | os.PathLike, to: str, base: str | os.PathLike | None = None,
             rank: int | None = None, allow_lossy: bool = False, force: bool = False,
-            cola_strategy: str | None = None) -> dict[str, Any]:
+            cola_strategy: str | None = None, allow_pickle: bool = False) -> dict[str, Any]:
     """Convert any adapter lrs reads to `to` (peft-lora, peft-miss, kohya, mlx, cola); returns a report."""
     if to not in FORMATS:
         raise LrsError(f"unknown format {to!r} (known: {', '.join(FORMATS)})")
@@ -408,7 +434,7 @@ def convert(adapter_path: str | os.PathLike, out: str | os.PathLike, to: str, ba
         raise LrsError(f"--rank must be at least 1, got {rank}")
     out = Path(out)
     check_output(out, force, inputs=(adapter_path, base))
-    ckpt = Checkpoint(base) if base is not None else None
+    ckpt = Checkpoint(base, allow_pickle=allow_pickle) if base is not None else None
     adapter, fmt, warnings = read_adapter(adapter_path, ckpt, cola_strategy)
     if adapter.saved:
         raise LrsError(f"{adapter_path} holds whole modules (modules_to_save: {', '.join(adapter.config.modules_to_save)})"

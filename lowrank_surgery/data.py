@@ -52,7 +52,10 @@ def load_dataset(path: str | os.PathLike, tokenizer: Any, seq_len: int, packing:
     path = Path(path)
     if seq_len < 2:
         raise LrsError(f"--seq-len must be at least 2, got {seq_len}")
-    encoded = [encode(record, tokenizer, f"{path}:{number}") for number, record in read_jsonl(path)]
+    records = read_jsonl(path)
+    if not records:
+        raise LrsError(f"{path}: empty data file (expected JSON Lines with text, prompt/completion or messages)")
+    encoded = [encode(record, tokenizer, f"{path}:{number}") for number, record in records]
     if packing:
         examples, truncated = pack(encoded, seq_len), 0
     else:
@@ -67,13 +70,12 @@ def load_dataset(path: str | os.PathLike, tokenizer: Any, seq_len: int, packing:
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; a bad line is an error naming file and line."""
-    if not path.is_file():
-        raise LrsError(f"no such data file: {path}")
+    if not path.exists():
+        raise LrsError(f"no such file: {path}")
+    if not path.is_file():  # a directory, /dev/null, a pipe: nothing a run could be reproduced from
+        raise LrsError(f"{path}: not a regular file (expected a JSON Lines file)")
     with path.open("rb") as f:
-        records = [(number, _parse_line(raw, f"{path}:{number}")) for number, raw in enumerate(f, 1) if raw.strip()]
-    if not records:
-        raise LrsError(f"{path}: empty data file (expected JSON Lines with text, prompt/completion or messages)")
-    return records
+        return [(number, _parse_line(raw, f"{path}:{number}")) for number, raw in enumerate(f, 1) if raw.strip()]
 
 
 def _parse_line(raw: bytes, where: str) -> dict:

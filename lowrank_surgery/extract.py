@@ -47,7 +47,8 @@ class Change:
 
 def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, rank: int,
                  targets: str = "all-linear", algorithm: str = "exact", niter: int = 4, device: str = "auto",
-                 force: bool = False, save_modules: Sequence[str] = (), save_changed: bool = False) -> dict[str, Any]:
+                 force: bool = False, save_modules: Sequence[str] = (), save_changed: bool = False,
+                 allow_pickle: bool = False) -> dict[str, Any]:
     """Write a PEFT LoRA approximating FINETUNED − BASE at rank r; returns a report with per-module energy.
     Changed tensors outside the targets are kept whole (PEFT modules_to_save) for the modules `save_modules`
     names, or all of them with `save_changed`; the others are reported as dropped."""
@@ -58,7 +59,7 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
     if niter < 0:
         raise LrsError(f"--niter must be at least 0, got {niter}")
     start = time.perf_counter()
-    ft, bs = Checkpoint(finetuned), Checkpoint(base)
+    ft, bs = (Checkpoint(m, allow_pickle=allow_pickle) for m in (finetuned, base))
     for ckpt in (ft, bs):  # before comparing layouts: fp8 checkpoints add scale tensors
         ckpt.require_unquantized()
     check_same_layout(ft, bs)

@@ -21,7 +21,7 @@ from .targets import Target, compact_names, select_targets
 def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 8, alpha: float | None = None,
                  targets: str | Sequence[str] | None = None, dropout: float = 0.0, rslora: bool = False,
                  seed: int = 0, revision: str | None = None, options: dict[str, Any] | None = None,
-                 device: str = "auto") -> Adapter:
+                 device: str = "auto", allow_pickle: bool = False) -> Adapter:
     """Initialise a `method` adapter (lora, cora, pissa, cola, fossil) for the linear modules of `base`.
 
     `device` is where the SVDs of PiSSA and CoLA run (auto: CUDA when present); the adapter is on the CPU.
@@ -40,7 +40,7 @@ def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 
     if unknown:
         raise LrsError(f"--{unknown[0].replace('_', '-')} does not apply to --method {method}")
     options = {**cls.defaults, **(options or {})}
-    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision)
+    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle)
     spec = targets if targets is not None else cls.default_targets(options)
     chosen = select_targets(ckpt, spec)
     config = AdapterConfig(

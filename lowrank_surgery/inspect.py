@@ -15,7 +15,8 @@ from .subspace import read_subspace_info
 from .targets import kinds, linear_targets
 
 
-def inspect_path(path: str | os.PathLike, cola_strategy: str | None = None) -> dict[str, Any]:
+def inspect_path(path: str | os.PathLike, cola_strategy: str | None = None, allow_pickle: bool = False
+                 ) -> dict[str, Any]:
     """Describe PATH as a dict with a `kind` key: checkpoint, adapter or subspace."""
     p = Path(path)
     if not p.exists():
@@ -26,7 +27,7 @@ def inspect_path(path: str | os.PathLike, cola_strategy: str | None = None) -> d
         raise LrsError(f"--cola-strategy applies to CoLA adapters, but {p} is not an adapter")
     if p.is_dir() and (p / "subspace.json").is_file():
         return read_subspace_info(p) | {"kind": "subspace", "path": str(p)}
-    return inspect_checkpoint(p)
+    return inspect_checkpoint(p, allow_pickle)
 
 
 def _is_adapter(p: Path) -> bool:
@@ -40,8 +41,8 @@ def _is_adapter(p: Path) -> bool:
     return True
 
 
-def inspect_checkpoint(path: Path) -> dict[str, Any]:
-    ckpt = Checkpoint(path)
+def inspect_checkpoint(path: Path, allow_pickle: bool = False) -> dict[str, Any]:
+    ckpt = Checkpoint(path, allow_pickle=allow_pickle)
     dtypes = Counter(DTYPE_NAMES.get(i.dtype, str(i.dtype)) for i in ckpt.tensors.values())
     linears = linear_targets(ckpt)
     return {

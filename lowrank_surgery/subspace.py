@@ -64,13 +64,13 @@ class Group:
 def extract_subspace(models: Sequence[str | os.PathLike], out: str | os.PathLike, rank: int = 64,
                      targets: str | Sequence[str] = DEFAULT_TARGETS, scope: str = "layer", algorithm: str = "gram",
                      niter: int = DEFAULT_NITER, device: str = "auto", revision: str | None = None,
-                     force: bool = False) -> dict[str, Any]:
+                     force: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
     """Write OUT/subspace.safetensors (`<name>.basis`, `<name>.singular_values`) and subspace.json; return the latter."""
     _check_options(models, rank, scope, algorithm, niter)
     out = Path(out)
     check_output(out, force, inputs=models)
     dev = resolve_device(device)
-    ckpts = [Checkpoint(m, revision) for m in models]
+    ckpts = [Checkpoint(m, revision, allow_pickle) for m in models]
     chosen = _common_targets(ckpts, targets)
     groups = _groups(chosen, len(ckpts), scope)
     _check_rank(groups, rank)

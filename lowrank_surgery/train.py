@@ -30,9 +30,9 @@ from . import progress
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter, write_adapter_files
 from .attach import attach, trained_weights
 from .cards import adapter_card, read_metrics
-from .checkpoint import (Checkpoint, atomic_output, check_output, claim_output, load_tensors, resolve_model,
+from .checkpoint import (Checkpoint, atomic_output, check_output, claim_output, load_tensors, read_json_object,
                          save_tensors)
-from .data import IGNORE, Dataset, collate, load_dataset, step_indices
+from .data import IGNORE, Dataset, collate, load_dataset, read_jsonl, step_indices
 from .errors import LrsError
 from .initialize import check_seed
 
@@ -74,6 +74,7 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
           eval_every: int = 100, save_every: int = 100, warmup: int | None = None, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0, grad_checkpointing: bool = False, packing: bool = False, resume: bool = False,
           force: bool = False, seed: int = 0, device: str = "auto", cola_strategy: str | None = None,
+          allow_pickle: bool = False,
           on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train the adapter's parameters on `data` and write the result to `out`; returns a summary.
 
@@ -94,7 +95,8 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
                         grad_accum=grad_accum, seq_len=seq_len, eval_data=eval_data, eval_every=eval_every,
                         save_every=save_every, warmup=warmup, weight_decay=weight_decay,
                         max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, packing=packing,
-                        resume=resume, seed=seed, cola_strategy=cola_strategy, on_log=on_log)
+                        resume=resume, seed=seed, cola_strategy=cola_strategy, allow_pickle=allow_pickle,
+                        on_log=on_log)
     except KeyboardInterrupt as exc:
         raise exc if exc.args else _interrupted(out) from None
     finally:
@@ -104,11 +106,12 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
 
 def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, batch_size, grad_accum, seq_len,
          eval_data, eval_every, save_every, warmup, weight_decay, max_grad_norm, grad_checkpointing, packing,
-         resume, seed, cola_strategy, on_log) -> dict[str, Any]:
+         resume, seed, cola_strategy, allow_pickle, on_log) -> dict[str, Any]:
     if batch_size % ctx.world:
         raise LrsError(f"--batch-size {batch_size} must be a multiple of the number of processes ({ctx.world})")
-    base_path = resolve_model(base).path
-    Checkpoint(base_path).require_unquantized()  # transformers would load it quantized, or not at all on a CPU
+    ckpt = Checkpoint(base, allow_pickle=allow_pickle)  # the one resolver: pickles only when allowed
+    ckpt.require_unquantized()  # transformers would load it quantized, or not at all on a CPU
+    base_path = ckpt.path
     tokenizer = load_tokenizer(base_path)
     train_set = load_dataset(data, tokenizer, seq_len, packing)
     eval_set = load_dataset(eval_data, tokenizer, seq_len, packing) if eval_data else None
@@ -118,6 +121,7 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
                 "warmup": round(0.05 * total) if warmup is None else warmup, "weight_decay": weight_decay,
                 "max_grad_norm": max_grad_norm, "packing": packing, "seed": seed, "data": train_set.fingerprint}
 
+    resumed = read_resume_state(out) if resume else None  # checked before the (slow) model load
     if isinstance(adapter, Adapter) and not resume:
         start_adapter = adapter
     else:
@@ -127,8 +131,8 @@ def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, bat
     if not trainable:
         raise LrsError("the adapter has no trainable parameters")
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    start, records = (restore(out, optimizer, settings, ctx) if resume else (0, []))
-    if not resume:
+    start, records = (restore(resumed, out, optimizer, settings, ctx) if resumed is not None else (0, []))
+    if resumed is None:
         torch.manual_seed(seed + ctx.rank)  # dropout streams; a resumed run restores them instead
     engine = _wrap(model, ctx)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -259,12 +263,17 @@ def load_model(base: Path, adapter: Adapter, ctx: Context, grad_checkpointing: b
     if not progress.enabled():  # transformers' own loading bar follows lrs's terminal/--quiet rule
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, weights_only=True,
+                                                           output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise LrsError(f"{base}: cannot load it as a causal language model ({str(exc).splitlines()[0]})") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    missing = sorted(info["missing_keys"])
+    if missing:  # transformers initialised them at random: training would fit the adapter to a random head
+        raise LrsError(f"{base}: not a causal language model with its head: {type(model).__name__} needs "
+                       f"{len(missing)} tensor(s) it lacks (e.g. {missing[0]}), which would start random")
     model.config.use_cache = False
     attach(model, adapter)
     if grad_checkpointing:
@@ -369,26 +378,79 @@ def save_checkpoint(out: Path, adapter: Adapter, model: nn.Module, optimizer: to
                                                       "scalars": scalars, "world_size": ctx.world}, indent=2) + "\n")
 
 
-def restore(out: Path, optimizer: torch.optim.Optimizer, settings: dict, ctx: Context) -> tuple[int, list[dict]]:
-    """Load optimizer and RNG state from OUT; returns the step to continue from and the metrics so far."""
+@dataclass
+class ResumeState:
+    """A training checkpoint read back from OUT, every part checked."""
+
+    step: int
+    settings: dict[str, Any]
+    optimizer: dict[str, Any]  # torch's Optimizer.state_dict() layout
+    rng: dict[str, torch.Tensor]
+    records: list[dict[str, Any]]
+
+
+def read_resume_state(out: Path) -> ResumeState:
+    """The one check of a checkpoint for --resume: LrsError naming the part of OUT that is missing or malformed."""
     state_dir = out / STATE_DIR
-    state = json.loads((state_dir / "state.json").read_text())
-    changed = [f"{k} {settings[k]} (checkpoint: {state['settings'].get(k)})" for k in STREAM_SETTINGS
-               if state["settings"].get(k) != settings[k]]
+    for name in ("state.json", "optimizer.safetensors", "rng.safetensors"):
+        if not (state_dir / name).is_file():
+            raise LrsError(f"--resume: {state_dir / name} is missing; the checkpoint in {out} is incomplete")
+    state = read_json_object(state_dir / "state.json")
+    _check_state_fields(state, state_dir / "state.json")
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_tensors(state_dir / "optimizer.safetensors").items():
+        index, _, name = key.partition(".")
+        if not (index.isdigit() and name):
+            raise LrsError(f"{state_dir / 'optimizer.safetensors'}: key {key!r} is not <parameter index>.<name>")
+        per_param.setdefault(int(index), {})[name] = tensor.reshape(()) if key in state["scalars"] else tensor
+    rng = load_tensors(state_dir / "rng.safetensors")
+    size = torch.get_rng_state().numel()
+    bad = next((k for k, t in rng.items() if k.startswith("cpu.") and (t.dtype != torch.uint8 or t.numel() != size)), None)
+    if bad is not None:
+        raise LrsError(f"{state_dir / 'rng.safetensors'}: {bad} is not a CPU random state ({size} bytes)")
+    records = _read_records(out / METRICS)
+    return ResumeState(state["step"], state["settings"], {"state": per_param, "param_groups": state["param_groups"]},
+                       rng, [r for r in records if r["step"] <= state["step"]])
+
+
+def _check_state_fields(state: dict, where: Path) -> None:
+    groups = state.get("param_groups")
+    checks = {
+        "step": type(state.get("step")) is int and state["step"] >= 0,
+        "settings": isinstance(state.get("settings"), dict) and type(state["settings"].get("seed")) is int,
+        "param_groups": isinstance(groups, list) and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups),
+        "scalars": isinstance(state.get("scalars"), list),
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise LrsError(f"{where}: malformed or missing {', '.join(bad)}")
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl, each line a record with its integer step."""
+    if not path.is_file():
+        raise LrsError(f"--resume: {path} is missing; the checkpoint is incomplete")
+    records = [record for _, record in read_jsonl(path)]
+    bad = next((i for i, r in enumerate(records, 1) if type(r.get("step")) is not int), None)
+    if bad is not None:
+        raise LrsError(f"{path}: record {bad} has no integer step")
+    return records
+
+
+def restore(state: ResumeState, out: Path, optimizer: torch.optim.Optimizer, settings: dict,
+            ctx: Context) -> tuple[int, list[dict]]:
+    """Load the checkpoint's optimizer and RNG state; returns the step to continue from and the metrics so far."""
+    changed = [f"{k} {settings[k]} (checkpoint: {state.settings.get(k)})" for k in STREAM_SETTINGS
+               if state.settings.get(k) != settings[k]]
     if changed:
         raise LrsError(f"--resume needs the checkpoint's settings, but these differ: {', '.join(changed)}")
-    flat = load_tensors(state_dir / "optimizer.safetensors")
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in flat.items():
-        index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = tensor.reshape(()) if key in state["scalars"] else tensor
     try:
-        optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
-    except ValueError as exc:
-        raise LrsError(f"{state_dir}: optimizer state does not match the adapter ({exc})") from None
-    _set_rng(load_tensors(state_dir / "rng.safetensors"), ctx, state["settings"]["seed"] + state["step"])
-    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
-    return state["step"], [r for r in records if r["step"] <= state["step"]]
+        optimizer.load_state_dict(state.optimizer)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # torch's kinds for a state of another shape
+        raise LrsError(f"{out / STATE_DIR}: optimizer state does not match the adapter ({exc})") from None
+    _set_rng(state.rng, ctx, state.settings["seed"] + state.step)
+    return state.step, state.records
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -67,7 +67,9 @@ class Method:
     def validate(self, target: Target) -> None:
         """Raise LrsError (naming module and shapes) if the method cannot adapt this module."""
         r = self.config.rank(target.path)
-        if r < 1 or r > self.max_rank(target):
+        if r < 1:
+            raise LrsError(f"rank {r} for {target.path} must be at least 1")
+        if r > self.max_rank(target):
             raise LrsError(f"rank {r} is larger than {target.path} allows (shape {target.out_features}x{target.in_features})")
 
     def max_rank(self, target: Target) -> int:
