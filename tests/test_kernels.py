@@ -76,14 +76,16 @@ def test_lowrank_matches_reference(lead, inp, out, R, p):
     check_grads(y, y_ref, [x, A, B])
 
 
-def test_lowrank_frozen_b_gets_no_gradient():
-    x, A, B = rand(9, 40, grad=True), rand(5, 40, grad=True), rand(30, 5)
+@pytest.mark.parametrize("b_trains", [True, False])
+def test_lowrank_gradients_with_trainable_and_frozen_b(b_trains):
+    """CoRA's frozen mode: with B frozen, x and A still get the right gradients; with B trainable, B gets its own."""
+    x, A, B = rand(9, 40, grad=True), rand(5, 40, grad=True), rand(30, 5, grad=b_trains)
     weight, bias = base(30, 40, bias=True, conv1d=False)
     y = kernels.lowrank_linear(x, weight, bias, A, B, 2.0, 0.1, seed=3)
     y_ref = kernels.lowrank_linear_reference(x, weight, bias, A, B, 2.0, mask_for(x, 0.1, 3))
-    check_grads(y, y_ref, [x, A])
+    check_grads(y, y_ref, [x, A, B])
     kernels.lowrank_linear(x, weight, bias, A, B, 2.0, 0.1, seed=3).sum().backward()
-    assert B.grad is None and A.grad is not None
+    assert A.grad is not None and (B.grad is not None) == b_trains
 
 
 def test_lowrank_refuses_trainable_base_weight():
@@ -164,13 +166,15 @@ def test_dropout_reproducible_from_seed(monkeypatch, backend):
         assert torch.equal(unseeded, run(None)), name
 
 
-def test_torch_backend_is_the_reference(monkeypatch):
+def test_torch_backend_is_lora_with_its_dropout_mask(monkeypatch):
+    """The torch path, forward and backward, against the LoRA formula written out in plain torch."""
     monkeypatch.setenv("LRS_KERNELS", "torch")
-    x, A, B = rand(6, 40), rand(4, 40), rand(24, 4)
+    x, A, B = rand(6, 40, grad=True), rand(4, 40, grad=True), rand(24, 4, grad=True)
     weight, bias = base(24, 40, bias=True, conv1d=False)
-    mask = kernels.torch_dropout_mask(x.shape, 0.3, 9, x.device)
-    assert torch.equal(kernels.lowrank_linear(x, weight, bias, A, B, 1.5, 0.3, 9),
-                       kernels.lowrank_linear_reference(x, weight, bias, A, B, 1.5, mask))
+    keep = kernels.torch_dropout_mask(x.shape, 0.3, 9, x.device)
+    assert keep.unique().tolist() == pytest.approx([0.0, 1 / 0.7])  # dropout: dropped or scaled by 1/(1-p)
+    y = kernels.lowrank_linear(x, weight, bias, A, B, 1.5, 0.3, 9)
+    check_grads(y, x @ weight.T + bias + 1.5 * ((x * keep) @ A.T) @ B.T, [x, A, B])
 
 
 def test_autocast_sets_the_compute_dtype(monkeypatch):

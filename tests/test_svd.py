@@ -73,9 +73,16 @@ def test_signs_are_deterministic() -> None:
         (u, _, vh), = truncated_svd([a], 5, algorithm=algorithm, device="cpu")
         top = u.abs().argmax(dim=0)
         assert (u[top, torch.arange(5)] > 0).all()
-    (u1, _, v1), = truncated_svd([a], 5, device="cpu")
-    (u2, _, v2), = truncated_svd([-(-a)], 5, device="cpu")
-    assert torch.equal(u1, u2) and torch.equal(v1, v2)
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_negated_matrix_keeps_u_and_flips_vh(algorithm: str) -> None:
+    """-a = U·S·(-Vh): the sign rule fixes U by U alone, so -a gets the same U and the negated Vh."""
+    a = decaying(30, 50)
+    (u1, s1, v1), = truncated_svd([a], 5, algorithm=algorithm, device="cpu")
+    (u2, s2, v2), = truncated_svd([-a], 5, algorithm=algorithm, device="cpu")
+    torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(u2, u1, rtol=0, atol=1e-4)
+    torch.testing.assert_close(v2, -v1, rtol=0, atol=1e-4)
 
 
 def test_float64_on_request() -> None:
