@@ -150,7 +150,6 @@ def test_mlx_layout(llama, tmp_path):
     assert torch.equal(tensors["model.layers.1.self_attn.q_proj.lora_b"], q["lora_B.weight"].T)  # r × out
 
 
-@pytest.mark.skipif("fossil" not in ls.METHODS, reason="FOSSIL not registered")
 def test_peft_miss_rewrites_fossil_and_bone(llama, tmp_path):
     adapter = _trained(llama, "fossil")
     ls.save_adapter(adapter, tmp_path / "src")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -161,13 +162,16 @@ def test_cola_random_draws_are_seeded_and_eval_is_the_expectation(llama):
     _, again = run(6, True)
     assert all(torch.equal(o, p) for o, p in zip(outs, again))  # reproducible
     assert len({tuple(o.flatten()[:4].tolist()) for o in outs}) > 1  # the draws vary between forwards
-    reference = lrs.get_method(adapter.config)
-    params = adapter.weights[path]
-    a, b, a0, b0 = _factors(reference, params)
-    for out in outs:
-        c = reference.draw(path)
-        delta = S * (sum(c[i, j] * b[j] @ a[i] for i in range(2) for j in range(3)) - b0 @ a0)
-        torch.testing.assert_close(out, _residual_linear(layer, x, delta), rtol=1e-5, atol=1e-5)
+    a, b, a0, b0 = _factors(adapter.method, adapter.weights[path])
+    pairings = list(itertools.product(range(3), repeat=2))  # the B each of the 2 A's is paired with
+    candidates = [_residual_linear(layer, x, S * (sum(b[j] @ a[i] for i, j in enumerate(p)) - b0 @ a0))
+                  for p in pairings]
+    drawn = []
+    for out in outs:  # each training forward is the original code's forward for one pairing
+        matches = [p for p, y in zip(pairings, candidates) if torch.allclose(out, y, rtol=1e-5, atol=1e-5)]
+        assert len(matches) == 1, matches
+        drawn.append(matches[0])
+    assert len(set(drawn)) > 1
     layer, evals = run(2, False)
     assert torch.equal(evals[0], evals[1])
     expected = _residual_linear(layer, x, S * _reference_delta("random", a, b, a0, b0))
