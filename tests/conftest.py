@@ -104,3 +104,29 @@ def load_causal_lm(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def fill(args, **paths) -> list[str]:
+    """A bad-input table's arguments as strings, with placeholders such as {root} or {llama} filled in."""
+    return [str(a).format(**paths) for a in args]
+
+
+def assert_one_line_error(res: Result, expected: str) -> None:
+    """Exit 1 with `expected` in a single line on stderr, no traceback."""
+    assert res.code == 1, (expected, res)
+    assert expected in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+
+
+def pickled_copy(model: Path, path: Path, **extra) -> Path:
+    """`model`'s config and tokenizer files with its tensors (plus `extra` entries) in one pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    path.mkdir(parents=True)
+    state = {}
+    for f in model.iterdir():
+        if f.suffix == ".safetensors":
+            state.update(load_file(f))
+        elif f.suffix != ".json" or f.name != "model.safetensors.index.json":
+            (path / f.name).write_bytes(f.read_bytes())
+    torch.save({**state, **extra}, path / "pytorch_model.bin")
+    return path

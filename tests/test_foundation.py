@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +13,12 @@ from safetensors.torch import load_file, save_file
 
 import lowrank_surgery as lrs
 from lowrank_surgery.checkpoint import (
-    PlannedTensor, SafetensorsWriter, atomic_output, parse_size, plan_shards, shard_names, write_index,
+    INDEX_NAME, PlannedTensor, SafetensorsWriter, atomic_output, parse_size, plan_shards, shard_names, write_index,
 )
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.targets import linear_targets
 
-from conftest import load_causal_lm
+from conftest import assert_one_line_error, fill, load_causal_lm, pickled_copy
 
 
 def test_lazy_reader_matches_safetensors(tiny_models):
@@ -238,45 +239,76 @@ def test_cli_init_and_inspect(lrs, llama, tmp_path):
     assert ck["kind"] == "checkpoint" and len(ck["shards"]) == 3 and ck["linear_modules"] == 15
 
 
-def _bad_files(tmp_path, llama) -> dict:
-    """The inputs the bad-input cases point at."""
-    (tmp_path / "empty").mkdir()
-    truncated = tmp_path / "trunc"
-    shutil.copytree(llama, truncated)
-    shard = sorted(truncated.glob("*.safetensors"))[0]
+@pytest.fixture(scope="module")
+def bad_bases(llama, tmp_path_factory) -> Path:
+    """Broken base checkpoints, built once for the init table below."""
+    root = tmp_path_factory.mktemp("bad-bases")
+    (root / "empty").mkdir()
+    shard = sorted(Path(shutil.copytree(llama, root / "trunc")).glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:-100])
-    (tmp_path / "pickled").mkdir()
-    torch.save({"w": torch.zeros(2)}, tmp_path / "pickled" / "pytorch_model.bin")
-    (tmp_path / "exists").mkdir()
-    return {"tmp": tmp_path, "llama": llama, "truncated": truncated}
+    (root / "pickled").mkdir()
+    torch.save({"w": torch.zeros(2)}, root / "pickled" / "pytorch_model.bin")
+    for name, state in {"not-tensors": {"w": 1}, "nested": {"w": {"v": torch.zeros(2)}}, "list": [torch.zeros(2)]}.items():
+        (root / name).mkdir()
+        torch.save(state, root / name / "pytorch_model.bin")
+    (root / "exists").mkdir()
+    _edit_json(Path(shutil.copytree(llama, root / "int-shard")) / INDEX_NAME,
+               lambda index: index["weight_map"].update({"lm_head.weight": 5}))
+    _edit_json(_same_named_shards(llama, root / "same-name") / INDEX_NAME, lambda index: None)
+    _edit_json(Path(shutil.copytree(llama, root / "arch")) / "config.json", lambda c: c.update(architectures=[5]))
+    return root
 
 
-BAD_INIT = {  # expected message: `lrs init --method lora` arguments
-    "no such file": lambda f: ["--base", f["tmp"] / "missing"],
-    "no weights": lambda f: ["--base", f["tmp"] / "empty"],
-    "truncated": lambda f: ["--base", f["truncated"]],
-    "--allow-pickle": lambda f: ["--base", f["tmp"] / "pickled"],
-    "matched no linear module; this model has:": lambda f: ["--base", f["llama"], "--targets", "nope"],
-    "rank 100 is larger than model.layers.0.": lambda f: ["--base", f["llama"], "--rank", "100"],
-    "--alpha must be a finite nonzero number, got 0.0": lambda f: ["--base", f["llama"], "--alpha", "0"],
-    "--alpha must be a finite nonzero number, got nan": lambda f: ["--base", f["llama"], "--alpha", "nan"],
-    "--seed must be between 0 and 4294967295, got 99999999999999999999":
-        lambda f: ["--base", f["llama"], "--seed", "99999999999999999999"],
-    "already exists": lambda f: ["--base", f["llama"], "--out", f["tmp"] / "exists"],
+def _edit_json(path: Path, change) -> Path:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _same_named_shards(llama: Path, out: Path) -> Path:
+    """A copy of `llama` whose index puts two shards, both named x.safetensors, in folders a/ and b/."""
+    shutil.copytree(llama, out)
+    index = json.loads((out / INDEX_NAME).read_text())
+    first, second = sorted(set(index["weight_map"].values()))[:2]
+    for folder, shard in (("a", first), ("b", second)):
+        (out / folder).mkdir()
+        (out / shard).rename(out / folder / "x.safetensors")
+    moved = {first: "a/x.safetensors", second: "b/x.safetensors"}
+    index["weight_map"] = {k: moved.get(v, v) for k, v in index["weight_map"].items()}
+    (out / INDEX_NAME).write_text(json.dumps(index))
+    return out
+
+
+INIT_BAD = {
+    "no such file": ["--base", "{root}/missing"],
+    "no weights": ["--base", "{root}/empty"],
+    "truncated": ["--base", "{root}/trunc"],
+    "is a pickled checkpoint; pass --allow-pickle": ["--base", "{root}/pickled"],
+    "found a dict holding int": ["--base", "{root}/not-tensors", "--allow-pickle"],
+    "found a dict holding dict": ["--base", "{root}/nested", "--allow-pickle"],
+    "expected a flat state dict of tensor names to tensors, found a list": ["--base", "{root}/list", "--allow-pickle"],
+    "weight_map gives 5 for lm_head.weight, not a shard file name": ["--base", "{root}/int-shard"],
+    "shards a/x.safetensors and b/x.safetensors have the same file name": ["--base", "{root}/same-name"],
+    "config.json: architectures must be a list of class names, got [5]": ["--base", "{root}/arch"],
+    "matched no linear module; this model has:": ["--base", "{llama}", "--targets", "nope"],
+    "rank 100 is larger than model.layers.0.": ["--base", "{llama}", "--rank", "100"],
+    "--alpha must be a finite nonzero number, got 0.0": ["--base", "{llama}", "--alpha", "0"],
+    "--alpha must be a finite nonzero number, got nan": ["--base", "{llama}", "--alpha", "nan"],
+    "--seed must be between 0 and 4294967295, got 99999999999999999999": ["--base", "{llama}", "--seed",
+                                                                          "99999999999999999999"],
+    "already exists": ["--base", "{llama}", "--out", "{root}/exists"],
 }
 
 
-@pytest.mark.parametrize("expected", list(BAD_INIT))
-def test_bad_input_exits_1_with_one_line(lrs, llama, tmp_path, expected):
-    args = BAD_INIT[expected](_bad_files(tmp_path, llama))
+@pytest.mark.parametrize("expected", INIT_BAD)
+def test_bad_input_exits_1_with_one_line(lrs, llama, bad_bases, tmp_path, expected):
     out = tmp_path / "out"
-    if "--out" not in args:
-        args = args + ["--out", out]
-    res = lrs("init", "--method", "lora", *args)
-    assert res.code == 1, (expected, res)
-    assert expected in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if ".lrs-tmp" in p.name]
+    args = fill(INIT_BAD[expected], root=bad_bases, llama=llama)
+    res = lrs("init", "--method", "lora", *args, *([] if "--out" in args else ["--out", out]))
+    assert_one_line_error(res, expected)
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert not [p for p in bad_bases.iterdir() if ".lrs-tmp" in p.name]
 
 
 # ------------------------------------------------------------------------------------------------ non-finite weights
@@ -352,6 +384,40 @@ def test_pickle_only_with_weights_only(tmp_path):
         lrs.Checkpoint(tmp_path)
     ckpt = lrs.Checkpoint(tmp_path, allow_pickle=True)
     assert torch.equal(ckpt.get("layer.weight"), torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_single_pickled_file_is_read_as_a_pickle(tmp_path, suffix):
+    torch.save({"layer.weight": torch.ones(3, 2)}, tmp_path / f"model{suffix}")
+    with pytest.raises(LrsError, match="--allow-pickle"):
+        lrs.Checkpoint(tmp_path / f"model{suffix}")
+    assert torch.equal(lrs.Checkpoint(tmp_path / f"model{suffix}", allow_pickle=True).get("layer.weight"),
+                       torch.ones(3, 2))
+
+
+PICKLE_COMMANDS = {  # every command that reads a base checkpoint, with {base} pickled
+    "init": ["init", "--method", "lora", "--base", "{base}", "--out", "{out}"],
+    "inspect": ["inspect", "{base}"],
+    "extract-lora": ["extract-lora", "{base}", "{llama}", "{out}", "--rank", "2"],
+    "extract-subspace": ["extract-subspace", "{base}", "--out", "{out}", "--rank", "2"],
+    "convert": ["convert", "{adapter}", "{out}", "--to", "kohya", "--base", "{base}"],
+}
+
+
+@pytest.mark.parametrize("command", PICKLE_COMMANDS)
+def test_every_command_reading_a_base_offers_allow_pickle(lrs, llama, tmp_path, command):
+    """The error names --allow-pickle, so the command must have it, and with it the pickled base reads."""
+    base = pickled_copy(llama, tmp_path / "pickled", **{"model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64)})
+    lrs_adapter = lrs_module_adapter(llama, tmp_path / "adapter")
+    args = fill(PICKLE_COMMANDS[command], base=base, llama=llama, out=tmp_path / "out", adapter=lrs_adapter)
+    assert_one_line_error(lrs(*args), "is a pickled checkpoint; pass --allow-pickle")
+    res = lrs(*args, "--allow-pickle")
+    assert res.code == 0, res.stderr
+
+
+def lrs_module_adapter(base: Path, out: Path) -> Path:
+    lrs.save_adapter(lrs.init_adapter("lora", base, r=2, targets="q_proj"), out)
+    return out
 
 
 def test_hub_id_resolves_from_cache_offline(tmp_path, monkeypatch, llama):
