@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import lowrank_surgery as lrs
 from lowrank_surgery import train as train_module
@@ -17,7 +19,7 @@ from lowrank_surgery.data import collate, load_dataset, step_indices
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.train import STATE_DIR, train
 
-from conftest import load_causal_lm
+from conftest import assert_one_line_error, fill, load_causal_lm, pickled_copy
 from train_fixtures import chat_models, char_tokenizer  # noqa: F401  (fixture)
 
 QA = [{"prompt": f"Q: {a}+{b}=", "completion": f"{a + b}"} for a in range(6) for b in range(6)]
@@ -243,49 +245,95 @@ def test_cli_trains_and_reports(lrs, setup, tmp_path):
     assert res.code == 0 and "step 0: eval loss" in res.stdout and "step 2: loss" in res.stdout, res.stdout
 
 
-def _data(f: dict, name: str) -> list:
-    return [f["adapter"], "--base", f["base"], "--data", f["tmp"] / name]
-
-
-def _option(f: dict, *option: str) -> list:
-    return [f["adapter"], "--base", f["base"], "--data", f["data"], *option]
-
-
-BAD_TRAIN = {  # expected message: `lrs train` arguments but --out and the common ones
-    "broken.jsonl:2: malformed JSON": lambda f: _data(f, "broken.jsonl"),
-    "empty data file": lambda f: _data(f, "empty.jsonl"),
-    "adapter does not fit": lambda f: [f["adapter"], "--base", f["gpt2"], "--data", f["data"]],
-    "binary.jsonl:2: not UTF-8": lambda f: _data(f, "binary.jsonl"),
-    "no usable tokenizer": lambda f: [f["adapter"], "--base", f["qwen2"], "--data", f["data"]],
-    "--lr must be positive and finite, got nan": lambda f: _option(f, "--lr", "nan"),
-    "--lr must be positive and finite, got inf": lambda f: _option(f, "--lr", "inf"),
-    "--lr must be positive and finite, got 1e+300": lambda f: _option(f, "--lr", "1e300"),
-    "--weight-decay must be at least 0 and finite, got inf": lambda f: _option(f, "--weight-decay", "inf"),
-    "--max-grad-norm must be positive": lambda f: _option(f, "--max-grad-norm", "-1"),
-    "--warmup must be at least 0": lambda f: _option(f, "--warmup", "-1"),
-    "--seed must be between 0 and 4294967295": lambda f: _option(f, "--seed", "99999999999999999999"),
+RESUME_EDITS = {  # a training checkpoint with one part broken, by name: (file under OUT, how it is broken)
+    "state-not-json": (".trainer/state.json", lambda path: path.write_text("{")),
+    "state-a-list": (".trainer/state.json", lambda path: path.write_text("[1]")),
+    "state-no-settings": (".trainer/state.json", lambda path: _edit_state(path, lambda s: s.pop("settings"))),
+    "state-bad-groups": (".trainer/state.json", lambda path: _edit_state(path, lambda s: s.update(param_groups=[{"lr": 1}]))),
+    "metrics-not-json": ("metrics.jsonl", lambda path: path.write_text("{oops\n")),
+    "optimizer-keys": (".trainer/optimizer.safetensors", lambda path: save_file({"step": torch.zeros(1)}, path)),
+    "rng-size": (".trainer/rng.safetensors", lambda path: save_file({"cpu.0": torch.zeros(10, dtype=torch.uint8)}, path)),
+    "no-optimizer": (".trainer/optimizer.safetensors", lambda path: path.unlink()),
 }
 
 
-@pytest.mark.parametrize("expected", list(BAD_TRAIN))
-def test_cli_bad_input_is_one_line(lrs, setup, chat_models, tiny_models, tmp_path, expected):
-    (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"\n')
-    (tmp_path / "binary.jsonl").write_bytes(b'{"text": "a"}\n\xff\xfe garbage\n')
-    files = {**setup, "tmp": tmp_path, "gpt2": chat_models["gpt2"], "qwen2": tiny_models["qwen2"]}
-    res = lrs("train", *BAD_TRAIN[expected](files), "--out", tmp_path / "out", "--steps", "1", "--batch-size", "2",
-              "--seq-len", "16")
-    assert res.code == 1 and expected in res.stderr and res.stderr.count("\n") == 1, res.stderr
+def _edit_state(path: Path, change) -> None:
+    state = json.loads(path.read_text())
+    change(state)
+    path.write_text(json.dumps(state))
+
+
+@pytest.fixture(scope="module")
+def train_inputs(setup, chat_models, tiny_models) -> Path:
+    """Data files, bases and broken checkpoints for the table below, built once."""
+    root = setup["root"] / "bad"
+    root.mkdir()
+    (root / "empty.jsonl").write_text("")
+    (root / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"\n')
+    (root / "binary.jsonl").write_bytes(b'{"text": "a"}\n\xff\xfe garbage\n')
+    (root / "exists").mkdir()
+    bert = shutil.copytree(tiny_models["bert"], root / "bert")
+    char_tokenizer().save_pretrained(bert)
+    lrs.save_adapter(lrs.init_adapter("lora", bert, r=2, targets="query"), root / "bert-adapter")
+    pickled_copy(setup["base"], root / "pickled")
+    train(setup["adapter"], setup["base"], setup["data"], root / "run", steps=1, batch_size=2, seq_len=16)
+    for name, (file, breaks) in RESUME_EDITS.items():
+        shutil.copytree(root / "run", root / name)
+        breaks(root / name / file)
+    return root
+
+
+TRAIN_BAD = {  # expected message -> arguments after `lrs train` (--out a fresh directory unless given)
+    "broken.jsonl:2: malformed JSON": ["{adapter}", "--base", "{base}", "--data", "{root}/broken.jsonl"],
+    "empty data file": ["{adapter}", "--base", "{base}", "--data", "{root}/empty.jsonl"],
+    "binary.jsonl:2: not UTF-8": ["{adapter}", "--base", "{base}", "--data", "{root}/binary.jsonl"],
+    "/dev/null: not a regular file": ["{adapter}", "--base", "{base}", "--data", "/dev/null"],
+    "bad: not a regular file": ["{adapter}", "--base", "{base}", "--data", "{root}"],
+    "adapter does not fit": ["{adapter}", "--base", "{gpt2}", "--data", "{data}"],
+    "no usable tokenizer": ["{adapter}", "--base", "{qwen2}", "--data", "{data}"],
+    "not a causal language model with its head: BertLMHeadModel needs": [
+        "{root}/bert-adapter", "--base", "{root}/bert", "--data", "{data}"],
+    "is a pickled checkpoint; pass --allow-pickle": ["{adapter}", "--base", "{root}/pickled", "--data", "{data}"],
+    "--lr must be positive and finite, got nan": ["{adapter}", "--base", "{base}", "--data", "{data}", "--lr", "nan"],
+    "--lr must be positive and finite, got inf": ["{adapter}", "--base", "{base}", "--data", "{data}", "--lr", "inf"],
+    "--lr must be positive and finite, got 1e+300": ["{adapter}", "--base", "{base}", "--data", "{data}", "--lr", "1e300"],
+    "--weight-decay must be at least 0 and finite, got inf": ["{adapter}", "--base", "{base}", "--data", "{data}",
+                                                              "--weight-decay", "inf"],
+    "--seed must be between 0 and 4294967295": ["{adapter}", "--base", "{base}", "--data", "{data}", "--seed",
+                                                "99999999999999999999"],
+    "--max-grad-norm must be positive": ["{adapter}", "--base", "{base}", "--data", "{data}", "--max-grad-norm", "-1"],
+    "--warmup must be at least 0": ["{adapter}", "--base", "{base}", "--data", "{data}", "--warmup", "-1"],
+    "already exists": ["{adapter}", "--base", "{base}", "--data", "{data}", "--out", "{root}/exists"],
+    "holds no training checkpoint": ["{adapter}", "--base", "{base}", "--data", "{data}", "--out", "{root}/exists",
+                                     "--resume"],
+    "state-not-json/.trainer/state.json: not valid JSON": ["{resume}", "{root}/state-not-json"],
+    "state-a-list/.trainer/state.json: not a JSON object": ["{resume}", "{root}/state-a-list"],
+    "state-no-settings/.trainer/state.json: malformed or missing settings": ["{resume}", "{root}/state-no-settings"],
+    "state-bad-groups/.trainer/state.json: malformed or missing param_groups": ["{resume}", "{root}/state-bad-groups"],
+    "metrics-not-json/metrics.jsonl:1: malformed JSON": ["{resume}", "{root}/metrics-not-json"],
+    "optimizer.safetensors: key 'step' is not <parameter index>.<name>": ["{resume}", "{root}/optimizer-keys"],
+    "rng.safetensors: cpu.0 is not a CPU random state": ["{resume}", "{root}/rng-size"],
+    "no-optimizer/.trainer/optimizer.safetensors is missing; the checkpoint in": ["{resume}", "{root}/no-optimizer"],
+}
+
+
+@pytest.mark.parametrize("expected", TRAIN_BAD)
+def test_cli_bad_input_is_one_line(lrs, setup, chat_models, tiny_models, train_inputs, tmp_path, expected):
+    resume = "{adapter} --base {base} --data {data} --resume --out"
+    args = [part for arg in TRAIN_BAD[expected] for part in (resume.split() if arg == "{resume}" else [arg])]
+    args = fill(args, root=train_inputs, gpt2=chat_models["gpt2"], qwen2=tiny_models["qwen2"],
+                **{k: setup[k] for k in ("adapter", "base", "data")})
+    res = lrs("train", *args, *([] if "--out" in args else ["--out", tmp_path / "out"]),
+              "--steps", "1", "--batch-size", "2", "--seq-len", "16")
+    assert_one_line_error(res, expected)
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_refuses_an_existing_out_and_a_resume_without_checkpoint(lrs, setup, tmp_path):
-    (tmp_path / "exists").mkdir()
-    base_args = [setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--steps", "1"]
-    res = lrs("train", *base_args, "--out", tmp_path / "exists")
-    assert res.code == 1 and "already exists" in res.stderr
-    res = lrs("train", *base_args, "--out", tmp_path / "exists", "--resume")
-    assert res.code == 1 and "holds no training checkpoint" in res.stderr
+def test_pickled_base_trains_with_allow_pickle(lrs, setup, train_inputs, tmp_path):
+    res = lrs("train", setup["adapter"], "--base", train_inputs / "pickled", "--data", setup["data"], "--out",
+              tmp_path / "out", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--allow-pickle")
+    assert res.code == 0, res.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
 def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch):
