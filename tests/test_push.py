@@ -17,6 +17,8 @@ from lowrank_surgery import cards
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.hub import push
 
+from conftest import assert_one_line_error, fill
+
 SECRET = "hf_secretTOKEN1234567890abcdef"
 BASE_ID = "acme/tiny-llama"
 USER_TEXT = "My own notes about this adapter.\n"
@@ -250,33 +252,43 @@ def test_not_logged_in(adapter_dir, monkeypatch):
         push(adapter_dir, "me/x")
 
 
-def test_bad_input_exits_1_with_one_line(lrs, adapter_dir, llama, tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    bad_metrics = tmp_path / "bad-metrics"
-    shutil.copytree(adapter_dir, bad_metrics)
-    (bad_metrics / "metrics.jsonl").write_text('{"step": 1}\n{"step": \n')
-    bad_subspace = tmp_path / "bad-subspace"
-    bad_subspace.mkdir()
-    (bad_subspace / "subspace.json").write_text("{")
-    (bad_subspace / "subspace.safetensors").write_bytes(b"")
-    bad_yaml = tmp_path / "bad-yaml"
-    shutil.copytree(adapter_dir, bad_yaml)
-    (bad_yaml / "README.md").write_text("---\n- a list\n---\nbody\n")
-    cases = {
-        "no such file or directory": (tmp_path / "missing", "me/x"),
-        "not a directory": (adapter_dir / "adapter_config.json", "me/x"),
-        "not an adapter (adapter_config.json), merged checkpoint": (empty, "me/x"),
-        "invalid repo id 'me/x/y'": (adapter_dir, "me/x/y"),
-        "invalid repo id 'bad name'": (adapter_dir, "bad name"),
-        "metrics.jsonl:2: not valid JSON": (bad_metrics, "me/x"),
-        "README.md: invalid YAML metadata": (bad_yaml, "me/x"),
-        "bad-subspace/subspace.json: not valid JSON": (bad_subspace, "me/x"),
-    }
-    for expected, (path, repo) in cases.items():
-        res = lrs("push", path, repo, "--dry-run")
-        assert res.code == 1 and expected in res.stderr, (expected, res)
-        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+@pytest.fixture
+def bad_dirs(adapter_dir, tmp_path) -> Path:
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(adapter_dir, tmp_path / "bad-metrics")
+    (tmp_path / "bad-metrics" / "metrics.jsonl").write_text('{"step": 1}\n{"step": \n')
+    (tmp_path / "bad-subspace").mkdir()
+    (tmp_path / "bad-subspace" / "subspace.json").write_text("{")
+    (tmp_path / "bad-subspace" / "subspace.safetensors").write_bytes(b"")
+    shutil.copytree(adapter_dir, tmp_path / "bad-yaml")
+    (tmp_path / "bad-yaml" / "README.md").write_text("---\n- a list\n---\nbody\n")
+    return tmp_path
+
+
+PUSH_BAD = {  # expected message -> (PATH, REPO_ID)
+    "no such file or directory": ("{root}/missing", "me/x"),
+    "not a directory": ("{adapter}/adapter_config.json", "me/x"),
+    "not an adapter (adapter_config.json), merged checkpoint": ("{root}/empty", "me/x"),
+    "invalid repo id 'me/x/y'": ("{adapter}", "me/x/y"),
+    "invalid repo id 'bad name'": ("{adapter}", "bad name"),
+    "metrics.jsonl:2: not valid JSON": ("{root}/bad-metrics", "me/x"),
+    "README.md: invalid YAML metadata": ("{root}/bad-yaml", "me/x"),
+    "bad-subspace/subspace.json: not valid JSON": ("{root}/bad-subspace", "me/x"),
+}
+
+
+@pytest.mark.parametrize("expected", PUSH_BAD)
+def test_bad_input_exits_1_with_one_line(lrs, adapter_dir, bad_dirs, expected):
+    assert_one_line_error(lrs("push", *fill(PUSH_BAD[expected], root=bad_dirs, adapter=adapter_dir), "--dry-run"),
+                          expected)
+
+
+@pytest.mark.parametrize("flag", ["--quiet", "--debug"])
+def test_global_flag_as_an_option_value_is_the_value(lrs, adapter_dir, flag):
+    """`--message --quiet` is a commit message, not the global flag (stripping it left --message without a value)."""
+    res = lrs("push", adapter_dir, "me/x", "--dry-run", "--json", "--message", flag)
+    assert res.code == 0, res.stderr
+    assert json.loads(res.stdout)["message"] == flag
 
 
 def test_help_has_an_example(lrs):
