@@ -173,6 +173,40 @@ def test_init_from_a_bare_gpt2_file_refuses_square_weights_it_cannot_orient(tiny
     lrs.init_adapter(method, bare, r=2, targets="c_attn,c_fc")  # non-square: the bias tells the layout
 
 
+PEFT_PATTERNS = {  # LoraConfig fields beyond r=4, lora_alpha=8 on q_proj and v_proj
+    "rank_pattern": {"rank_pattern": {"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6}},
+    "alpha_pattern": {"alpha_pattern": {"v_proj": 3.0, "model.layers.0.self_attn.q_proj": 16}},
+    "rslora": {"use_rslora": True},
+    "rslora_with_patterns": {"use_rslora": True, "rank_pattern": {"v_proj": 7}, "alpha_pattern": {"layers.1.self_attn.q_proj": 5}},
+}
+
+
+@pytest.mark.parametrize("case", PEFT_PATTERNS)
+def test_peft_patterns_and_rslora_match_peft(llama, tmp_path, case):
+    """An adapter PEFT itself builds with per-module ranks, alphas and rsLoRA: lrs reads the same scales, so the
+    attached outputs and the merged weights equal PEFT's."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        **PEFT_PATTERNS[case])
+    peft_model = get_peft_model(load_causal_lm(llama), config).eval()
+    peft_model.save_pretrained(tmp_path / "ad")
+    adapter = lrs.load_adapter(tmp_path / "ad")
+    layers = {path: peft_model.base_model.model.get_submodule(path) for path in adapter.weights}
+    assert {p: adapter.config.rank(p) for p in layers} == {p: layer.r["default"] for p, layer in layers.items()}
+    scales = {p: adapter.config.scale(p) for p in layers}
+    assert scales == pytest.approx({p: layer.scaling["default"] for p, layer in layers.items()}, rel=1e-12)
+    assert len(set(scales.values())) > 1 or case == "rslora"  # the patterns really differ between modules
+    ours = lrs.attach(load_causal_lm(llama), adapter).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, peft_model(IDS).logits, rtol=1e-5, atol=1e-5)
+    merge(tmp_path / "ad", llama, tmp_path / "merged")
+    merged, theirs = tensors(tmp_path / "merged"), peft_model.merge_and_unload().state_dict()
+    for path in adapter.weights:
+        torch.testing.assert_close(merged[f"{path}.weight"], theirs[f"{path}.weight"], rtol=1e-5, atol=1e-5, msg=path)
+
+
 @pytest.mark.parametrize("method", [m for m, cls in lrs.METHODS.items() if cls.completable])
 def test_adapter_lacking_completable_parameters(llama, tmp_path, method):
     """Parameters an imported adapter may lack are recomputed from the base at merge; unmerge refuses without them."""
