@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 from itertools import chain
 
 import pytest
@@ -381,20 +382,34 @@ def test_mlx_export_is_what_mlx_lm_wraps_and_loads(llama, tmp_path):
         assert _rel(params["scale"] * lora_b.T @ lora_a.T, s * b @ a) < 1e-6
 
 
-def test_foreign_adapters_that_are_not_linear_lora_are_refused(llama, tmp_path):
-    (tmp_path / "moe").mkdir()  # mlx-lm LoRASwitchLinear: lora_a (experts, r, in), lora_b (experts, out, r)
+def _mlx_moe(tmp_path: Path, **config) -> Path:
+    """An mlx-lm LoRASwitchLinear adapter: lora_a (experts, r, in), lora_b (experts, out, r)."""
+    (tmp_path / "moe").mkdir()
     save_file({"model.layers.0.mlp.switch_mlp.up_proj.lora_a": torch.zeros(4, R, 64),
                "model.layers.0.mlp.switch_mlp.up_proj.lora_b": torch.zeros(4, 96, R)}, tmp_path / "moe" / "adapters.safetensors")
-    (tmp_path / "moe" / "adapter_config.json").write_text(json.dumps(_mlx_config(1, ["mlp.switch_mlp.up_proj"], R, 20.0)))
-    with pytest.raises(LrsError, match="only linear"):
-        read_adapter(tmp_path / "moe")
-    for config in ({"fine_tune_type": "dora"}, {"use_dora": True, "fine_tune_type": None}):
-        (tmp_path / "moe" / "adapter_config.json").write_text(json.dumps(
-            {k: v for k, v in _mlx_config(1, ["x"], R, 20.0, **config).items() if v is not None}))
-        with pytest.raises(LrsError, match="'dora' is not a LoRA"):
-            read_adapter(tmp_path / "moe")
-    name = _kohya_name("model.layers.0.self_attn.q_proj", "lora_unet")  # a Conv2d LoRA: 4-D lora_down/up
+    (tmp_path / "moe" / "adapter_config.json").write_text(json.dumps(
+        {k: v for k, v in _mlx_config(1, ["mlp.switch_mlp.up_proj"], R, 20.0, **config).items() if v is not None}))
+    return tmp_path / "moe"
+
+
+def _kohya_conv(tmp_path: Path) -> Path:
+    """A kohya Conv2d LoRA: 4-D lora_down/up."""
+    name = _kohya_name("model.layers.0.self_attn.q_proj", "lora_unet")
     save_file({f"{name}.lora_down.weight": torch.zeros(R, 64, 3, 3), f"{name}.lora_up.weight": torch.zeros(64, R, 1, 1),
                f"{name}.alpha": torch.tensor(1.0)}, tmp_path / "conv.safetensors")
-    with pytest.raises(LrsError, match="only linear"):
-        read_adapter(tmp_path / "conv.safetensors", ls.Checkpoint(llama))
+    return tmp_path / "conv.safetensors"
+
+
+FOREIGN = {  # case -> (builder, expected message)
+    "mlx-switch-linear": (_mlx_moe, "only linear"),
+    "mlx-dora": (lambda tmp_path: _mlx_moe(tmp_path, fine_tune_type="dora"), "'dora' is not a LoRA"),
+    "mlx-old-dora": (lambda tmp_path: _mlx_moe(tmp_path, use_dora=True, fine_tune_type=None), "'dora' is not a LoRA"),
+    "kohya-conv2d": (_kohya_conv, "only linear"),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN)
+def test_foreign_adapters_that_are_not_linear_lora_are_refused(llama, tmp_path, case):
+    build, expected = FOREIGN[case]
+    with pytest.raises(LrsError, match=expected):
+        read_adapter(build(tmp_path), ls.Checkpoint(llama))

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from lowrank_surgery.cli.reference import BEGIN, END, render, splice
+from lowrank_surgery.cli.reference import BEGIN, END, splice
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 COMMANDS = ["convert", "extract-lora", "extract-subspace", "init", "inspect", "merge", "push", "train", "unmerge"]
