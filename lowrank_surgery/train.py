@@ -418,8 +418,7 @@ def _check_state_fields(state: dict, where: Path) -> None:
     checks = {
         "step": type(state.get("step")) is int and state["step"] >= 0,
         "settings": isinstance(state.get("settings"), dict) and type(state["settings"].get("seed")) is int,
-        "param_groups": isinstance(groups, list) and all(
-            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups),
+        "param_groups": isinstance(groups, list) and all(_is_adamw_group(g) for g in groups),
         "scalars": isinstance(state.get("scalars"), list),
     }
     bad = [name for name, ok in checks.items() if not ok]
@@ -451,6 +450,29 @@ def restore(state: ResumeState, out: Path, optimizer: torch.optim.Optimizer, set
         raise LrsError(f"{out / STATE_DIR}: optimizer state does not match the adapter ({exc})") from None
     _set_rng(state.rng, ctx, state.settings["seed"] + state.step)
     return state.step, state.records
+
+
+def _is_adamw_group(group: Any) -> bool:
+    """A parameter group as AdamW's state_dict() writes it: parameter indices and its settings' kinds."""
+    like = torch.optim.AdamW([nn.Parameter(torch.zeros(1))]).state_dict()["param_groups"][0]
+    return (isinstance(group, dict) and isinstance(group.get("params"), list)
+            and all(type(i) is int for i in group["params"]) and _same_kind({**group, "params": 0}, {**like, "params": 0}))
+
+
+def _same_kind(value: Any, like: Any) -> bool:
+    """`value` has the JSON shape of `like`: a finite number for a number, a bool for a bool, alike lists, and dicts
+    alike in the keys both have (another torch version may add or drop one); anything where `like` is None (unset)."""
+    if like is None:
+        return True
+    if isinstance(like, (bool, str)):
+        return type(value) is type(like)
+    if isinstance(like, (int, float)):
+        return type(value) in (int, float) and math.isfinite(value)
+    if isinstance(like, (list, tuple)):
+        return isinstance(value, list) and len(value) == len(like) and all(map(_same_kind, value, like))
+    if isinstance(like, dict):
+        return isinstance(value, dict) and all(_same_kind(value[k], like[k]) for k in value.keys() & like.keys())
+    return True
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
