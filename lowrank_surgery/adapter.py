@@ -209,6 +209,7 @@ CONFIG_FIELDS: dict[str, Field] = {
     "lora_dropout": (_fraction, "a number in [0, 1) or null"), "miss_dropout": (_fraction, "a number in [0, 1) or null"),
     "use_rslora": (_flag, "true or false"), "fan_in_fan_out": (_flag, "true or false"),
     "target_modules": (_names, "a module name, a list of names or null"),
+    "modules_to_save": (_names, "a module name, a list of names or null"),
     "rank_pattern": (_pattern(_positive_int), "an object of positive integers or null"),
     "alpha_pattern": (_pattern(_number), "an object of finite numbers or null"),
     "num_A": POSITIVE_INT, "num_B": POSITIVE_INT, "mini_r": (lambda v: v is None or _positive_int(v), "a positive integer or null"),

@@ -198,10 +198,10 @@ class Checkpoint:
             else:
                 self.tensors.update(read_header(shard)[0])
         self.config: dict = self._read_json("config.json") if self.path.is_dir() else {}
+        check_model_config(self.config, self.path / "config.json")
         self.quantization = quant_method(self.config)
         self._scales: dict[str, TensorInfo] = {}  # fp8 weight -> its block scales, once dequantize_fp8 is called
         self._block: tuple[int, int] = (1, 1)  # the rows × columns each scale covers
-        check_model_config(self.config, self.path / "config.json")
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source.id!r}, {len(self.shards)} shard(s), {len(self.tensors)} tensors)"

@@ -355,6 +355,7 @@ CONFIG_EDITS: dict[str, Callable[[dict], object]] = {  # adapter_config.json edi
     "rank-pattern-text": lambda c: c.update(rank_pattern={"q_proj": "2"}),
     "alpha-pattern-list": lambda c: c.update(alpha_pattern=[1]),
     "lrs-text": lambda c: c.update(lrs="lora"),
+    "saved-int": lambda c: c.update(modules_to_save=5),
     "lrs-alpha-text": lambda c: c["lrs"].update(alpha="x"),
     "bad-method": lambda c: c["lrs"].update(method="foobar"),
 }
@@ -404,6 +405,7 @@ MERGE_BAD = {  # expected message -> ADAPTER BASE OUT [options]; OUT is a fresh 
         "{root}/rank-pattern-text", "{llama}", "OUT"],
     "alpha_pattern must be an object of finite numbers or null, got [1]": ["{root}/alpha-pattern-list", "{llama}", "OUT"],
     "lrs must be an object, got \"lora\"": ["{root}/lrs-text", "{llama}", "OUT"],
+    "modules_to_save must be a module name, a list of names or null, got 5": ["{root}/saved-int", "{llama}", "OUT"],
     "lrs.alpha must be a finite number, got \"x\"": ["{root}/lrs-alpha-text", "{llama}", "OUT"],
     "adapter declares lrs method 'foobar', which peft_type LORA does not support": ["{root}/bad-method", "{llama}", "OUT"],
     "size '0' is less than one byte": ["{root}/good", "{llama}", "OUT", "--max-shard-size", "0"],
