@@ -508,11 +508,11 @@ def pyplot() -> Any:
     """matplotlib.pyplot drawing to files, or None when matplotlib is not installed (the plot is optional)."""
     try:
         import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     except ImportError:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     return plt
 
 
