@@ -468,13 +468,19 @@ def cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     if t.dtype == dtype:
         return t
     converted = t.to(dtype)
-    if converted.is_floating_point():
-        overflow = torch.isinf(converted) & torch.isfinite(t)
+    if converted.is_floating_point() and converted.numel() and not math.isfinite(peak(converted)):
+        overflow = torch.isinf(converted) & torch.isfinite(t)  # located only when the one reduction saw an Inf
         if bool(overflow.any()):
             raise LrsError(f"tensor {name} holds {float(t[overflow].abs().max()):.4g}, beyond the range of "
                            f"{str(dtype).removeprefix('torch.')} (largest {torch.finfo(dtype).max:.4g}): "
                            "choose a wider dtype; nothing was written")
     return converted
+
+
+def peak(t: torch.Tensor) -> float:
+    """max |t| from one reduction, NaN if t holds a NaN (float8, which has no aminmax, is widened first)."""
+    lo, hi = torch.aminmax(t if t.element_size() > 1 else t.float())
+    return float("nan") if lo.isnan() or hi.isnan() else max(-float(lo), float(hi))
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
@@ -809,6 +815,10 @@ def _locked(path: Path, out: Path) -> int:
             os.close(fd)
             raise LrsError(f"{out} is being written by another lrs run (pid {holder}); "
                            "wait for it or write elsewhere") from None
+        except OSError as error:  # no locks on this filesystem (some NFS and FUSE mounts)
+            os.close(fd)
+            raise LrsError(f"cannot lock {path} to claim {out} ({error.strerror}): write the output on a "
+                           "filesystem with file locks") from None
         if _same_file(fd, path):
             return fd
         os.close(fd)
@@ -822,25 +832,16 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _clean_leftovers(out: Path) -> None:
-    """Remove what killed runs on OUT left (their pid is gone); put back an OUT one was killed while swapping out."""
+    """Remove what killed runs on OUT left; put back an OUT one was killed while swapping out. Called with the
+    claim on OUT held, so what another pid left is stale even where that pid now names a live process."""
     for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.lrs-*")):
         match = LEFTOVER.fullmatch(path.name)
-        if match is None or match["out"] != out.name or _alive(int(match["pid"])):
+        if match is None or match["out"] != out.name or int(match["pid"]) == os.getpid():
             continue
         if match["kind"] == "old" and not os.path.lexists(out):
             path.rename(out)
         else:
             _remove(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 @contextlib.contextmanager

@@ -27,8 +27,8 @@ import torch
 from .adapter import Adapter, load_adapter
 from .architecture import untied_copies
 from .checkpoint import (
-    Checkpoint, PlannedTensor, SafetensorsWriter, atomic_output, check_output, parse_size, plan_shards,
-    shard_names, write_index,
+    Checkpoint, PlannedTensor, SafetensorsWriter, atomic_output, check_finite, check_output, parse_size, peak,
+    plan_shards, shard_names, write_index,
 )
 from .errors import LrsError
 from .initialize import load_weight
@@ -302,7 +302,7 @@ def _produce(writer: SafetensorsWriter, ckpt: Checkpoint, t: PlannedTensor, sour
         writer.write(t.name, _apply(ckpt, job, apply, t.dtype, device, bound))
         return
     if isinstance(source, torch.Tensor):
-        writer.write(t.name, source.to(t.dtype))
+        writer.write(t.name, source)  # the writer casts, refusing values out of the new dtype's range
         return
     info = ckpt.info(source)
     if t.dtype != info.dtype:
@@ -330,19 +330,20 @@ def _scratch(key: str, nbytes: int) -> torch.Tensor:
 def _apply(ckpt: Checkpoint, job: Job, apply: Apply, dtype: torch.dtype, device: torch.device,
            bound: ErrorBound | None) -> torch.Tensor:
     """W (Linear layout, float32, on `device`) through the method, rounded once to the output dtype."""
-    stored = ckpt.get_finite(job.source, buffer=_scratch("in", ckpt.info(job.source).nbytes)).to(device)
+    stored = ckpt.get(job.source, buffer=_scratch("in", ckpt.info(job.source).nbytes)).to(device)
     weight = _float32(stored)
     weight = weight.T if job.target.conv1d else weight
     params = {n: p.to(device) for n, p in job.params.items()}
     # merge works in place on this thread's float32 copy of W; unmerge keeps it for the error bound
     out = weight if bound is None else _buffer("result", weight.shape, torch.float32, device)
     result = apply(weight, params, job.target.path, out=out)
-    peak = _peak(result)
-    if not peak <= torch.finfo(dtype).max:  # NaN fails this too
+    largest = peak(result)
+    if not largest <= torch.finfo(dtype).max:  # NaN fails this too
+        check_finite(stored, job.source, ckpt.source.id)  # a non-finite base weight is named as such
         raise LrsError(f"{'merging' if bound is None else 'unmerging'} the adapter gives NaN or Inf in "
                        f"{job.output} (module {job.target.path}, {str(dtype).removeprefix('torch.')}); nothing was written")
     if bound is not None:
-        bound.add(job, weight, stored.dtype, peak, dtype, params)
+        bound.add(job, weight, stored.dtype, largest, dtype, params)
     result = result.T if job.target.conv1d else result
     # this thread's buffer, valid until its next tensor: the caller writes it out first
     return _buffer("rounded", result.shape, dtype, device).copy_(result).cpu()
@@ -360,12 +361,6 @@ def _buffer(key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.de
     return _scratch(key, math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
-def _peak(x: torch.Tensor) -> float:
-    """max |x| (NaN if any entry is NaN), from one cheap reduction."""
-    lo, hi = torch.aminmax(x)
-    return max(-float(lo), float(hi)) if not (lo.isnan() or hi.isnan()) else float("nan")
-
-
 class ErrorBound:
     """How far an unmerged tensor can be from the original base, entrywise: the largest bound over touched tensors
     (`absolute`, and the tensor it is in), and the largest relative to its tensor's largest entry (`relative`).
@@ -380,16 +375,16 @@ class ErrorBound:
         self.worst: dict[str, Any] = {"absolute": 0.0, "relative": 0.0, "tensor": None, "merged_dtype": None}
         self._lock = threading.Lock()  # tensors are unmerged by several worker threads
 
-    def add(self, job: Job, merged: torch.Tensor, merged_dtype: torch.dtype, peak: float, dtype: torch.dtype,
+    def add(self, job: Job, merged: torch.Tensor, merged_dtype: torch.dtype, largest: float, dtype: torch.dtype,
             params: Params) -> None:
-        carried = half_ulp(_peak(merged), merged_dtype)  # W' − ΔW moves no entry further than its largest half ulp
+        carried = half_ulp(peak(merged), merged_dtype)  # W' − ΔW moves no entry further than its largest half ulp
         if self.method.needs_base_weight:
             merged = merged.double()
             half_ulps = torch.ldexp(torch.full_like(merged, torch.finfo(merged_dtype).eps / 2),
                                     torch.frexp(merged)[1] - 1)
             carried = float(self.method.unmerge_error(half_ulps, params).max())
-        absolute = carried + half_ulp(peak, dtype)
-        relative = absolute / max(peak, torch.finfo(torch.float32).tiny)
+        absolute = carried + half_ulp(largest, dtype)
+        relative = absolute / max(largest, torch.finfo(torch.float32).tiny)
         with self._lock:
             if absolute > self.worst["absolute"]:
                 self.worst.update(absolute=absolute, tensor=job.output,

@@ -148,8 +148,9 @@ def test_a_rename_that_fails_keeps_out_and_leaves_nothing(tmp_path, monkeypatch,
     assert [p.name for p in out.iterdir()] == ["previous.txt"] and not leftovers(tmp_path)
 
 
-def test_leftovers_of_a_killed_run_are_cleaned_and_a_half_swapped_out_restored(tmp_path):
-    out, pid = tmp_path / "out", dead_pid()
+@pytest.mark.parametrize("killed", ["dead pid", "pid reused by a live process"])
+def test_leftovers_of_a_killed_run_are_cleaned_and_a_half_swapped_out_restored(tmp_path, killed):
+    out, pid = tmp_path / "out", dead_pid() if killed == "dead pid" else os.getppid()
     (tmp_path / f".out.lrs-tmp-{pid}-0123abcd").mkdir()
     (tmp_path / f".out.lrs-old-{pid}-4567ef89").mkdir()  # killed between moving OUT aside and renaming the new one in
     (tmp_path / f".out.lrs-old-{pid}-4567ef89" / "kept.txt").write_text("the previous output")
