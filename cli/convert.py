@@ -18,6 +18,7 @@ class Format(str, Enum):
     kohya = "kohya"
     mlx = "mlx"
     cola = "cola"
+    gguf = "gguf"
 
 
 class Algorithm(str, Enum):
@@ -29,9 +30,10 @@ class Algorithm(str, Enum):
 def convert(
     adapter: Path = typer.Argument(..., help="Adapter: lrs/PEFT directory, kohya .safetensors (or its directory), "
                                              "or mlx-lm adapter directory."),
-    out: Path = typer.Argument(..., help="Directory to write."),
+    out: Path = typer.Argument(..., help="Directory to write (for --to gguf: the .gguf file)."),
     to: Format = typer.Option(..., "--to", help="Output format."),
-    base: str = typer.Option(None, "--base", help="Base model: resolves kohya names, FOSSIL shapes, W-dependent ΔW."),
+    base: str = typer.Option(None, "--base", help="Base model: resolves kohya names, FOSSIL shapes, W-dependent ΔW; "
+                                                  "--to gguf needs it (architecture, heads)."),
     rank: int = typer.Option(None, "--rank", "-r", help="Rank of the truncated SVD for ΔW that is not low-rank "
                                                         "(default: the adapter's r); lower ranks truncate."),
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Accept a truncated SVD where ΔW is not exact."),
@@ -40,7 +42,8 @@ def convert(
     allow_pickle: bool = ALLOW_PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Convert an adapter to PEFT LoRA, PEFT MiSS, CoLA, kohya or mlx-lm, exactly where ΔW is low-rank."""
+    """Convert an adapter to PEFT LoRA, PEFT MiSS, CoLA, kohya, mlx-lm or llama.cpp's GGUF LoRA, exactly where ΔW
+    is low-rank."""
     report = convert_adapter(adapter, out, to.value, base=base, rank=rank, allow_lossy=allow_lossy, force=force,
                              cola_strategy=strategy_value(cola_strategy), allow_pickle=allow_pickle)
     for message in report["warnings"]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import atomic_output, load_tensors, read_json_object, save_tensors
+from .checkpoint import atomic_output, load_tensors, read_header, read_json_object, save_tensors
 from .errors import LrsError
 
 if TYPE_CHECKING:
@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+# The `lrs` block (method, options, provenance) lives in the weights file's safetensors metadata under this key, as JSON:
+# PEFT warns on every config key it does not know, and the original CoLA code (PEFT 0.12) refuses them.
+# Adapters written before 0.2 carry it in adapter_config.json, where it is still read.
+BLOCK_KEY = "lrs"
 
 
 def package_version() -> str:
@@ -60,7 +64,7 @@ class AdapterConfig:
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
     def lrs_block(self) -> dict[str, Any]:
-        """The `lrs` block of adapter_config.json: method, its options and where the adapter came from."""
+        """The `lrs` block (see BLOCK_KEY): method, its options and where the adapter came from."""
         return {"method": self.method, "r": self.r, "alpha": self.alpha, **self.options,
                 **self.provenance, "version": package_version()}
 
@@ -116,9 +120,11 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False, 
 def write_adapter_files(adapter: Adapter, directory: Path, card: str | None = None,
                         config: dict[str, Any] | None = None) -> None:
     """Write config (the method's own unless given), weights and model card into an existing directory."""
-    config = adapter.method.to_json() if config is None else config
+    config = dict(adapter.method.to_json() if config is None else config)
+    block = config.pop(BLOCK_KEY, None)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
-    save_tensors(adapter.state_dict(), directory / WEIGHTS_NAME)
+    metadata = None if block is None else {BLOCK_KEY: json.dumps(block, default=str)}
+    save_tensors(adapter.state_dict(), directory / WEIGHTS_NAME, metadata)
     if card is None:
         from .cards import adapter_card
 
@@ -127,10 +133,31 @@ def write_adapter_files(adapter: Adapter, directory: Path, card: str | None = No
 
 
 def read_config(path: Path) -> dict:
+    """adapter_config.json with the `lrs` block: the config's own (adapters before 0.2), else the weights' metadata."""
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise LrsError(f"{path}: not an adapter directory (no {CONFIG_NAME})")
-    return read_json_object(config_path)
+    config = read_json_object(config_path)
+    weights_path = path / WEIGHTS_NAME
+    if BLOCK_KEY not in config and weights_path.is_file():
+        block = read_header(weights_path)[1].get(BLOCK_KEY)
+        if block is not None:
+            config[BLOCK_KEY] = _parse_block(block, weights_path)
+    return config
+
+
+def _parse_block(text: str, where: Path) -> dict[str, Any]:
+    try:
+        block = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LrsError(f"{where}: the {BLOCK_KEY!r} metadata is not JSON ({exc})") from None
+    try:
+        if not isinstance(block, dict):
+            raise LrsError(f"the {BLOCK_KEY!r} metadata must be a JSON object, got {text[:80]}")
+        check_fields(block, LRS_FIELDS, f"{BLOCK_KEY}.")
+    except LrsError as exc:
+        raise LrsError(f"{where}: {exc}") from None
+    return block
 
 
 def load_adapter(path: str | os.PathLike, cola_strategy: str | None = None) -> Adapter:

@@ -707,20 +707,22 @@ def claim_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_output(out: str | os.PathLike, force: bool = False,
-                  replaces: Collection[str] | None = None) -> Iterator[Path]:
+                  replaces: Collection[str] | None = None, file: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of OUT, under a claim on OUT; swap it into place only if the body completes.
+    The sibling is a new directory, or with `file` the path of the one file the body writes.
     `replaces`: the names inside OUT the output stands for; what else OUT holds is kept (None: OUT goes whole)."""
     with claim_output(out, force) as target:
         tmp = _sibling(target, "tmp")
         try:
-            tmp.mkdir()
+            if not file:
+                tmp.mkdir()
             yield tmp
             if replaces is not None and target.is_dir():
                 _keep_others(target, tmp, replaces)
             _swap_in(tmp, target)
         except BaseException as exc:
             with _signals_held_back():
-                shutil.rmtree(tmp, ignore_errors=True)
+                _remove(tmp)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise LrsError(f"no space left on device while writing {out} (nothing was written)") from None
             raise

@@ -1,4 +1,4 @@
-"""`lrs convert`: adapters between PEFT LoRA, PEFT MiSS, CoLA, kohya and mlx-lm, through each method's ΔW.
+"""`lrs convert`: adapters between PEFT LoRA, PEFT MiSS, CoLA, kohya and mlx-lm, and to llama.cpp's GGUF, through ΔW.
 
 Every method reaches plain LoRA through the `Method` interface alone: `pair` gives (B, A) with
 ΔW = s·B·A (exact; s is recovered from `delta`, so methods that do not scale by α/r need nothing
@@ -24,6 +24,7 @@ at --rank, which is lossy and reported. The plain-LoRA result is then written as
   smaller ranks are zero-padded and other scales folded into lora_b (exact). Paths are the checkpoint's,
   which are mlx-lm's for Llama-style models (model.layers.N...); architectures that mlx-lm renames
   (e.g. GPT-2's transformer.h.N) would need their paths mapped.
+- gguf: llama.cpp's LoRA adapter file (see llamacpp.py), from the plain LoRA as peft-lora makes it.
 - peft-miss, cola: the FOSSIL and CoLA methods' own formats as their reference code loads them
   (`Method.export_native`): PEFT MiSS (Bone -> MiSS); the original CoLA code's layout (see methods/cola.py).
 """
@@ -46,10 +47,11 @@ from .adapter import (CONFIG_FIELDS, CONFIG_NAME, NUMBER, POSITIVE_INT, WEIGHTS_
 from .checkpoint import Checkpoint, ModelSource, atomic_output, check_output, read_header, save_tensors
 from .errors import LrsError
 from .initialize import load_weight
+from .llamacpp import family_of, write_gguf
 from .methods import METHODS
 from .targets import Target, linear_targets
 
-FORMATS = ("peft-lora", "peft-miss", "kohya", "mlx", "cola")
+FORMATS = ("peft-lora", "peft-miss", "kohya", "mlx", "cola", "gguf")
 NATIVE = {"peft-miss": "MISS", "cola": "COLA"}  # formats that are a method's own on-disk layout
 KOHYA_PREFIX = "lora_te_"
 KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
@@ -432,9 +434,14 @@ def convert(adapter_path: str | os.PathLike, out: str | os.PathLike, to: str, ba
         raise LrsError(f"unknown format {to!r} (known: {', '.join(FORMATS)})")
     if rank is not None and rank < 1:
         raise LrsError(f"--rank must be at least 1, got {rank}")
+    if to == "gguf" and base is None:
+        raise LrsError("--to gguf needs --base MODEL: its config.json names the architecture and the heads "
+                       "llama.cpp's tensor layout depends on")
     out = Path(out)
     check_output(out, force, inputs=(adapter_path, base))
     ckpt = Checkpoint(base, allow_pickle=allow_pickle) if base is not None else None
+    if to == "gguf":
+        family_of(ckpt)  # refuse an architecture llama.cpp's layout is not known for before any work
     adapter, fmt, warnings = read_adapter(adapter_path, ckpt, cola_strategy)
     if adapter.saved:
         raise LrsError(f"{adapter_path} holds whole modules (modules_to_save: {', '.join(adapter.config.modules_to_save)})"
@@ -447,7 +454,7 @@ def convert(adapter_path: str | os.PathLike, out: str | os.PathLike, to: str, ba
         warnings.extend(native_warnings)
     else:
         result, rows = to_lora(adapter, ckpt, rank, allow_lossy)
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, file=to == "gguf") as tmp:
         _write(result, to, tmp, ckpt, config)
     errors = [row["error"] for row in rows]
     return report | {"modules": len(result.weights), "rank": result.config.r, "alpha": result.config.alpha,
@@ -471,7 +478,9 @@ def _native(adapter: Adapter, peft_type: str, base: Checkpoint | None
 
 def _write(adapter: Adapter, to: str, directory: Path, base: Checkpoint | None,
            config: dict[str, Any] | None = None) -> None:
-    if to == "kohya":
+    if to == "gguf":
+        write_gguf(adapter, directory, base)
+    elif to == "kohya":
         write_kohya(adapter, directory)
     elif to == "mlx":
         write_mlx(adapter, directory, None if base is None else base.config.get("num_hidden_layers"))

@@ -130,3 +130,13 @@ def pickled_copy(model: Path, path: Path, **extra) -> Path:
             (path / f.name).write_bytes(f.read_bytes())
     torch.save({**state, **extra}, path / "pytorch_model.bin")
     return path
+
+
+def lrs_block(adapter_dir: Path) -> dict:
+    """The `lrs` block as stored: JSON in adapter_model.safetensors' metadata, read with safetensors itself."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as f:
+        return json.loads(f.metadata()["lrs"])

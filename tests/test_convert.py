@@ -18,7 +18,7 @@ from lowrank_surgery.extract import extract_lora
 from lowrank_surgery.initialize import load_weight
 from lowrank_surgery.targets import linear_targets
 
-from conftest import assert_one_line_error, fill, load_causal_lm
+from conftest import assert_one_line_error, fill, load_causal_lm, lrs_block
 from test_cora import subspace_for
 
 # (method, rank, options): every registered method runs with (rank 4, no options) unless listed here;
@@ -75,7 +75,7 @@ def test_every_method_to_peft_lora(llama, tmp_path, case):
     if exact:
         assert all(_rel(got[path], delta) < 1e-5 for path, delta in expected.items())
     else:
-        stored = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lrs"]["conversion_error"]
+        stored = lrs_block(tmp_path / "out")["conversion_error"]
         for path, delta in expected.items():
             assert stored[path] == pytest.approx(_rel(got[path], delta), rel=1e-3, abs=1e-6) and stored[path] > 1e-3
 

@@ -16,7 +16,7 @@ from lowrank_surgery.initialize import load_weight
 from lowrank_surgery.subspace import extract_subspace, load_subspace
 from lowrank_surgery.targets import select_targets
 
-from conftest import build_model, load_causal_lm
+from conftest import build_model, load_causal_lm, lrs_block
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -113,8 +113,9 @@ def test_cora_adapter_is_a_peft_lora_matching_attach(llama, tmp_path):
         assert torch.equal(params["lora_B.weight"], bases[path][:, :4]) and params["lora_A.weight"].abs().min() > 0
     lrs.save_adapter(adapter, tmp_path / "ad")
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["lrs"]["method"] == "cora"
-    assert config["lrs"]["cora_mode"] == "frozen" and config["lrs"]["subspace_hash"] == load_subspace(sub).hash
+    block = lrs_block(tmp_path / "ad")
+    assert config["peft_type"] == "LORA" and "lrs" not in config and block["method"] == "cora"
+    assert block["cora_mode"] == "frozen" and block["subspace_hash"] == load_subspace(sub).hash
     assert lrs.load_adapter(tmp_path / "ad").method.frozen == {"lora_B.weight"}
 
     with torch.no_grad():

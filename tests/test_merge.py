@@ -5,19 +5,20 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import lowrank_surgery as lrs
-from lowrank_surgery.adapter import save_adapter
+from lowrank_surgery.adapter import read_config, save_adapter
 from lowrank_surgery.cards import peft_loadable
 from lowrank_surgery.merge import WORKERS, merge, unmerge
 
-from conftest import assert_one_line_error, build_model, fill, load_causal_lm
+from conftest import assert_one_line_error, build_model, fill, load_causal_lm, lrs_block
 
 # How to build an adapter of each method: name -> {case: (rank, options)}, where options may be a function of
 # the base path (for inputs built from it). A method missing here is tested with rank 4 and its defaults, so
@@ -101,6 +102,56 @@ def test_merge_formula_logits_and_roundtrip(llama, tmp_path, method, case):
     back = tensors(tmp_path / "back")
     for name, w in base.items():
         assert ((back[name] - w).norm() <= 1e-6 * w.norm()), name
+
+
+@pytest.mark.parametrize("method, case", CASES)
+def test_stock_peft_loads_every_adapter_without_a_warning(llama, tmp_path, method, case):
+    """What lrs writes for PEFT (the adapter itself, or its --to peft-lora export) loads with warnings as errors:
+    PEFT warns on config keys it does not know, and users read that as a broken file."""
+    from peft import PeftModel
+
+    from lowrank_surgery.convert import convert
+
+    adapter = make_adapter(method, case, llama)
+    lrs.save_adapter(adapter, tmp_path / "ad")
+    assert "lrs" not in json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert lrs_block(tmp_path / "ad")["method"] == lrs.load_adapter(tmp_path / "ad").config.method == method
+    loadable = tmp_path / "ad"
+    if not peft_loadable(adapter):
+        convert(tmp_path / "ad", tmp_path / "lora", "peft-lora", base=llama, allow_lossy=True)
+        loadable = tmp_path / "lora"
+    model = load_causal_lm(llama)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for deprecation in (FutureWarning, DeprecationWarning):  # between transformers and PEFT, not about the file
+            warnings.simplefilter("default", deprecation)
+        PeftModel.from_pretrained(model, loadable)
+
+
+def test_adapters_with_the_lrs_block_in_their_config_still_load(llama, tmp_path):
+    """Adapters written before 0.2 keep the block in adapter_config.json; it still names the method (not peft_type)."""
+    adapter = make_adapter("cora", "frozen", llama)
+    lrs.save_adapter(adapter, tmp_path / "new")
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(load_file(tmp_path / "new" / "adapter_model.safetensors"), old / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "new" / "adapter_config.json").read_text()) | {"lrs": lrs_block(tmp_path / "new")}
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    loaded = lrs.load_adapter(old)
+    assert loaded.config.method == "cora" and loaded.method.frozen == {"lora_B.weight"}
+
+
+@pytest.mark.parametrize("metadata, expected", [
+    ("{not json", "the 'lrs' metadata is not JSON"),
+    ('["cora"]', "the 'lrs' metadata must be a JSON object"),
+    ('{"method": "cora", "alpha": "x"}', "lrs.alpha must be a finite number"),
+])
+def test_bad_lrs_metadata_is_one_line(lrs, llama, tmp_path, metadata, expected):
+    save_adapter(make_adapter("lora", "default", llama), tmp_path / "ad")
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"lrs": metadata})
+    assert_one_line_error(lrs("merge", str(tmp_path / "ad"), str(llama), str(tmp_path / "out")), expected)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -338,7 +389,7 @@ def _edited_config(good: Path, out: Path, edit: Callable[[dict], object]) -> Pat
     """A copy of the adapter `good` whose adapter_config.json went through `edit`."""
     out.mkdir()
     (out / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
-    config = json.loads((good / "adapter_config.json").read_text())
+    config = read_config(good)  # with the lrs block, as adapters before 0.2 stored it
     edit(config)
     (out / "adapter_config.json").write_text(json.dumps(config))
     return out
