@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,3 +131,16 @@ def pickled_copy(model: Path, path: Path, **extra) -> Path:
             (path / f.name).write_bytes(f.read_bytes())
     torch.save({**state, **extra}, path / "pytorch_model.bin")
     return path
+
+
+def cache_on_hub(model: Path, repo_id: str, cache: Path, monkeypatch) -> str:
+    """Serve `model` as Hub repository `repo_id` from an offline huggingface_hub cache at `cache`; its commit."""
+    commit = "a" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    return commit
