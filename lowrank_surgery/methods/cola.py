@@ -35,11 +35,12 @@ per-module scales as full-path rank_pattern/alpha_pattern entries). Its copies a
 lora_A[i] the one tensor `lora_A` (`self.lora_A[adapter_name][i].weight.data = lora_A`, peft/tuners/cola/layer.py),
 and every lora_B[j] the one `lora_B`; loading (peft/utils/save_and_load.py set_peft_model_state_dict,
 model.load_state_dict(strict=False)) copies lora_A.0 … lora_A.{M−1} in turn into that one tensor, so the last
-is what every copy holds (on a float32 base; a cast to the base's dtype unties them first). So the copies written
-are equal: every A_i = ΣA/M and every B_j = (Σ_j c_j·B_j)/N, with c the strategy's pairing weights, and the
-original's fully ΔW, s·[(Σ_j B_j)(Σ_i A_i) − B0·A0] = s·[(Σ_j c_j·B_j)(Σ_i A_i) − B0·A0], is the strategy's
-own: fully (c_j = 1), random's expectation (c_j = 1/N) and heuristic with one A (c_j = 1). Heuristic with
-M > 1 pairs each A_i with its own B's, a sum of rank up to M·r that one rank-r pair cannot hold: refused.
+is what every copy holds (on a float32 base; the cast to a bf16/fp16 base's dtype unties them first). So the
+copies written are equal, Ā = ΣA/M for every A_i and B̄ = (Σ_j c_j·B_j)/N for every B_j (c_j: the strategy's
+weight of B_j), and the original's ΔW over them, s·[N·B̄·M·Ā − B0·A0] = s·[(Σ_j c_j·B_j)(Σ_i A_i) − B0·A0], is
+the strategy's own: fully (c_j = 1), random's expectation (c_j = 1/N) and heuristic with one A (c_j = 1).
+Heuristic with M > 1 pairs each A_i with its own B's, a sum of rank up to M·r that one rank-r pair cannot hold:
+refused.
 The frozen factors stay in the file (that code ignores unexpected keys) so lrs reads it back exactly.
 """
 
