@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..adapter import save_adapter
+from ..adapter import default_adapter_out, save_adapter
 from ..checkpoint import check_output
 from ..initialize import init_adapter
 from .base import ALLOW_PICKLE, app, say
@@ -27,7 +27,8 @@ class MethodName(str, Enum):
 def init(
     method: MethodName = typer.Option(..., "--method", help="Adapter method."),
     base: str = typer.Option(..., "--base", help="Base model: local directory, .safetensors file or Hub id."),
-    out: Path = typer.Option(..., "--out", help="Adapter directory to write."),
+    out: Path = typer.Option(None, "--out", help="Adapter directory to write (default: ./<model>-<method>-r<rank>, "
+                                                 "named after --base)."),
     rank: int = typer.Option(8, "--rank", "-r", help="Rank r."),
     alpha: float = typer.Option(None, "--alpha", help="Scaling numerator α (s = α/r); default r."),
     targets: str = typer.Option(None, "--targets", help="Comma list of module names or regexes, or all-linear."),
@@ -50,6 +51,7 @@ def init(
     mini_r: int = typer.Option(None, "--mini-r", help="fossil mini: block width along the output.", rich_help_panel=METHOD_HELP),
 ) -> None:
     """Initialise a LoRA, CoRA, PiSSA, CoLA or FOSSIL adapter for a base checkpoint."""
+    out = out or default_adapter_out(base, method.value, rank)
     check_output(out, force, inputs=(base, subspace))
     given = {"subspace": str(subspace) if subspace else None, "cora_mode": cora_mode, "a_init": a_init,
              "init_svd": init_svd, "niter": niter, "num_a": num_a, "num_b": num_b, "strategy": strategy,

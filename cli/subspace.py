@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..subspace import DEFAULT_NITER, DEFAULT_TARGETS, extract_subspace as extract, summary_rows
+from ..subspace import DEFAULT_NITER, DEFAULT_TARGETS, default_subspace_out, extract_subspace as extract, summary_rows
 from .base import ALLOW_PICKLE, app, print_json, say, table
 
 
@@ -27,7 +27,8 @@ class Algorithm(str, Enum):
 def extract_subspace(
     models: list[str] = typer.Argument(..., help="One or more checkpoints of the same architecture (directories, "
                                                  ".safetensors files or Hub ids)."),
-    out: Path = typer.Option(..., "--out", help="Subspace directory to write."),
+    out: Path = typer.Option(None, "--out", help="Subspace directory to write (default: ./<model>-subspace-r<rank>, "
+                                                 "several models joined by +)."),
     rank: int = typer.Option(64, "--rank", "-r", help="Columns of each basis."),
     targets: str = typer.Option(DEFAULT_TARGETS, "--targets", help="Comma list of module names or regexes, or all-linear."),
     scope: Scope = typer.Option(Scope.layer, "--scope", help="layer: one basis per module path; "
@@ -40,13 +41,14 @@ def extract_subspace(
     revision: str = typer.Option(None, "--revision", help="Hub revision of the models."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     allow_pickle: bool = ALLOW_PICKLE,
-    as_json: bool = typer.Option(False, "--json", help="Print subspace.json."),
+    as_json: bool = typer.Option(False, "--json", help="Print subspace.json, with the directory written as out."),
 ) -> None:
     """Compute CoRA common subspaces (top-r left singular vectors of the concatenated weights)."""
+    out = out or default_subspace_out(models, rank)
     info = extract(models, out, rank=rank, targets=targets, scope=scope.value, algorithm=algorithm.value,
                    niter=niter, device=device, revision=revision, force=force, allow_pickle=allow_pickle)
     if as_json:
-        print_json(info)
+        print_json({"out": str(out), **info})
         return
     say(table(summary_rows(info), ["name", "shape", "rank", "energy"]))
     say(f"wrote {len(info['energy'])} bases to {out} ({info['algorithm']}, scope {info['scope']}, "

@@ -9,7 +9,7 @@ The whole command line is available as functions:
     lrs.merge_adapter("my-adapter", "path/to/model", "merged")
 """
 
-from .adapter import Adapter, AdapterConfig, load_adapter, save_adapter
+from .adapter import Adapter, AdapterConfig, default_adapter_out, load_adapter, save_adapter
 from .attach import AdapterLayer, attach, detach, trained_weights
 from .checkpoint import Checkpoint, resolve_model
 from .convert import convert as convert_adapter
@@ -20,13 +20,13 @@ from .initialize import init_adapter
 from .inspect import inspect_path
 from .merge import merge as merge_adapter, unmerge as unmerge_adapter
 from .methods import METHODS, get_method
-from .subspace import extract_subspace
+from .subspace import default_subspace_out, extract_subspace
 from .targets import Target, select_targets
 from .train import train as train_adapter
 
 __all__ = [
     "Adapter", "AdapterConfig", "AdapterLayer", "Checkpoint", "LrsError", "LrsWarning", "METHODS", "Target", "attach",
-    "convert_adapter", "detach", "extract_lora", "extract_subspace", "get_method", "init_adapter", "inspect_path",
-    "load_adapter", "merge_adapter", "push_to_hub", "resolve_model", "save_adapter", "select_targets",
-    "trained_weights", "train_adapter", "unmerge_adapter",
+    "convert_adapter", "default_adapter_out", "default_subspace_out", "detach", "extract_lora", "extract_subspace",
+    "get_method", "init_adapter", "inspect_path", "load_adapter", "merge_adapter", "push_to_hub", "resolve_model",
+    "save_adapter", "select_targets", "trained_weights", "train_adapter", "unmerge_adapter",
 ]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import atomic_output, load_tensors, read_header, read_json_object, save_tensors
+from .checkpoint import atomic_output, load_tensors, model_name, read_header, read_json_object, save_tensors
 from .errors import LrsError
 
 if TYPE_CHECKING:
@@ -109,12 +109,26 @@ class Adapter:
         return low_rank | {f"{KEY_PREFIX}{name}": t.contiguous() for name, t in self.saved.items()}
 
 
-def save_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False, card: str | None = None) -> Path:
-    """Write the adapter directory atomically (temporary sibling, renamed into place)."""
-    out = Path(out)
+def default_adapter_out(base: str | os.PathLike, method: str, rank: int) -> Path:
+    """OUT when none is given, in the current directory, named after the base model as `git clone` names its
+    directory: <model>-<method>-r<rank> (SmolLM2-135M-Instruct-cola-r8)."""
+    return Path(f"{model_name(base)}-{method}-r{rank}")
+
+
+def save_adapter(adapter: Adapter, out: str | os.PathLike | None = None, force: bool = False,
+                 card: str | None = None) -> Path:
+    """Write the adapter directory atomically (temporary sibling, renamed into place) and return its path;
+    OUT defaults to `default_adapter_out` of the adapter's base model, method and rank."""
+    out = _adapter_out(adapter.config) if out is None else Path(out)
     with atomic_output(out, force) as tmp:
         write_adapter_files(adapter, tmp, card)
     return out
+
+
+def _adapter_out(config: AdapterConfig) -> Path:
+    if config.base_model is None:
+        raise LrsError("the adapter names no base model to name its directory after; give an output path")
+    return default_adapter_out(config.base_model, config.method, config.r)
 
 
 def write_adapter_files(adapter: Adapter, directory: Path, card: str | None = None,

@@ -43,6 +43,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "added_tokens.json", "chat_template.jinja", "chat_template.json")
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 MAX_HEADER = 100 * 2**20
 
 
@@ -84,6 +85,15 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None, allow_p
     if _looks_like_path(text):
         raise LrsError(f"no such file or directory: {text}")
     return _download(text, revision, allow_pickle)
+
+
+def model_name(model: str | os.PathLike) -> str:
+    """What a MODEL argument is called, safe as a file name: the last component of its Hub id or local path,
+    without a checkpoint file's suffix ("HuggingFaceTB/SmolLM2-135M" -> "SmolLM2-135M", "dir/w.safetensors" -> "w")."""
+    last = os.path.basename(os.path.abspath(os.path.expanduser(os.fspath(model))))
+    stem = next((last[: -len(s)] for s in CHECKPOINT_SUFFIXES if last.endswith(s)), last)
+    # Hub names' own characters only; no leading dot (hidden) or dash (read as an option by the next command)
+    return re.sub(r"[^\w.-]+", "-", stem).strip(".-") or "model"
 
 
 def _looks_like_path(text: str) -> bool:

@@ -11,7 +11,7 @@ import torch
 
 from .adapter import Adapter, AdapterConfig
 from .checkpoint import Checkpoint
-from .errors import LrsError
+from .errors import LrsError, warn
 from .methods import METHODS, get_method
 from .progress import progress
 from .svd import default_device
@@ -53,6 +53,8 @@ def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 
     impl = get_method(config)
     for t in chosen:
         impl.validate(t)
+    for message in impl.native_warnings():
+        warn(message)
     generator = torch.Generator().manual_seed(seed)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     with default_device(device):

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import torch
 
 from .adapter import package_version
-from .checkpoint import (Checkpoint, atomic_output, check_finite, check_output, load_tensors, read_json_object,
-                         resolve_model, save_tensors)
+from .checkpoint import (Checkpoint, atomic_output, check_finite, check_output, load_tensors, model_name,
+                         read_json_object, resolve_model, save_tensors)
 from .errors import LrsError
 from .initialize import linear_float32
 from .progress import progress
@@ -61,13 +61,25 @@ class Group:
         return sum(t.in_features for _, t in self.members)
 
 
-def extract_subspace(models: Sequence[str | os.PathLike], out: str | os.PathLike, rank: int = 64,
+MOST_NAMED = 3  # models named in a default output directory; more are counted
+
+
+def default_subspace_out(models: Sequence[str | os.PathLike], rank: int) -> Path:
+    """OUT when none is given, in the current directory, named after the models as `git clone` names its directory:
+    <model>-subspace-r<rank>, several models joined by '+' (a+b-subspace-r64), beyond three counted (a+3-more-...)."""
+    names = [model_name(m) for m in models]
+    joined = "+".join(names) if len(names) <= MOST_NAMED else f"{names[0]}+{len(names) - 1}-more"
+    return Path(f"{joined}-subspace-r{rank}")
+
+
+def extract_subspace(models: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, rank: int = 64,
                      targets: str | Sequence[str] = DEFAULT_TARGETS, scope: str = "layer", algorithm: str = "gram",
                      niter: int = DEFAULT_NITER, device: str = "auto", revision: str | None = None,
                      force: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
-    """Write OUT/subspace.safetensors (`<name>.basis`, `<name>.singular_values`) and subspace.json; return the latter."""
+    """Write OUT/subspace.safetensors (`<name>.basis`, `<name>.singular_values`) and subspace.json; return the latter.
+    OUT defaults to `default_subspace_out(models, rank)`."""
     _check_options(models, rank, scope, algorithm, niter)
-    out = Path(out)
+    out = default_subspace_out(models, rank) if out is None else Path(out)
     check_output(out, force, inputs=models)
     dev = resolve_device(device)
     ckpts = [Checkpoint(m, revision, allow_pickle) for m in models]

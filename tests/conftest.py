@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,3 +141,16 @@ def lrs_block(adapter_dir: Path) -> dict:
 
     with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as f:
         return json.loads(f.metadata()["lrs"])
+
+
+def cache_on_hub(model: Path, repo_id: str, cache: Path, monkeypatch) -> str:
+    """Serve `model` as Hub repository `repo_id` from an offline huggingface_hub cache at `cache`; its commit."""
+    commit = "a" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    return commit

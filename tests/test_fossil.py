@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import lowrank_surgery as lrs
+from lowrank_surgery.convert import convert
 from lowrank_surgery.errors import LrsError
 
 from conftest import assert_one_line_error, load_causal_lm
@@ -32,21 +33,27 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {n[: -len(".weight")]: p.detach() for n, p in model.named_parameters() if n.endswith("_proj.weight")}
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fossil_matches_peft_miss(llama, tmp_path, variant):
+def _peft_gives_lrs_outputs(base, adapter_dir, peft_dir):
+    """PEFT's model loaded from `peft_dir`, after checking it gives lrs's outputs with `adapter_dir` (not the base's)."""
     from peft import PeftModel
 
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    ours = lrs.attach(load_causal_lm(base), lrs.load_adapter(adapter_dir))
+    theirs = PeftModel.from_pretrained(load_causal_lm(base), peft_dir).eval()
+    with torch.no_grad():
+        out_ours, out_theirs, out_base = (m(input_ids=ids).logits for m in (ours, theirs, load_causal_lm(base)))
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
+    assert (out_ours - out_base).abs().max() > 1e-3
+    return theirs
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fossil_matches_peft_miss(llama, tmp_path, variant):
     adapter = _fossil(llama, variant)
     lrs.save_adapter(adapter, tmp_path / "ad")
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert config["peft_type"] == "MISS" and config["init_weights"] == {"balance": True}.get(variant, variant)
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    ours = lrs.attach(load_causal_lm(llama), lrs.load_adapter(tmp_path / "ad"))
-    theirs = PeftModel.from_pretrained(load_causal_lm(llama), tmp_path / "ad").eval()
-    with torch.no_grad():
-        out_ours, out_theirs, out_base = (m(input_ids=ids).logits for m in (ours, theirs, load_causal_lm(llama)))
-    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
-    assert (out_ours - out_base).abs().max() > 1e-3
+    theirs = _peft_gives_lrs_outputs(llama, tmp_path / "ad", tmp_path / "ad")
 
     base_w = _weights(load_causal_lm(llama))
     merged = _weights(theirs.merge_and_unload())
@@ -106,6 +113,38 @@ def test_bone_adapter_imports_as_fossil(llama, tmp_path):
         assert torch.equal(params["miss_block"], adapter.weights[path]["miss_block"])
     lrs.save_adapter(loaded, tmp_path / "miss")
     assert json.loads((tmp_path / "miss" / "adapter_config.json").read_text())["peft_type"] == "MISS"
+
+
+CONV1D_WARNING = "warning: stock PEFT cannot load MiSS (FOSSIL) adapters on Conv1D layers (GPT-2)"
+
+
+@pytest.mark.parametrize("variant", ["balance", "mini"])
+def test_fossil_on_gpt2_loads_in_peft_as_its_exact_lora(tiny_models, tmp_path, variant):
+    """PEFT's MiSS wraps nn.Linear only and refuses GPT-2's Conv1D; the exact LoRA export loads in PEFT's LoRA
+    (fan_in_fan_out) with lrs's outputs."""
+    from peft import PeftModel
+
+    gpt2 = tiny_models["gpt2"]
+    with pytest.warns(lrs.LrsWarning, match="--to peft-lora --base MODEL` for an exact LoRA, which PEFT loads on Conv1D"):
+        lrs.save_adapter(_fossil(gpt2, variant), tmp_path / "miss")
+    with pytest.raises(TypeError, match="Conv1D"):
+        PeftModel.from_pretrained(load_causal_lm(gpt2), tmp_path / "miss")
+    assert not convert(tmp_path / "miss", tmp_path / "lora", "peft-lora", base=gpt2)["lossy"]
+    _peft_gives_lrs_outputs(gpt2, tmp_path / "miss", tmp_path / "lora")
+
+
+def test_fossil_on_conv1d_warns_in_one_line_naming_the_route(lrs, tiny_models, llama, tmp_path):
+    gpt2 = tiny_models["gpt2"]
+    for variant, route in [("balance", "--base MODEL` for an exact LoRA"),
+                           ("bat", "--allow-lossy` for a truncated-SVD LoRA")]:
+        res = lrs("init", "--method", "fossil", "--variant", variant, "--rank", "8", "--base", gpt2, "--out",
+                  tmp_path / variant)
+        assert res.code == 0 and res.stderr.startswith(CONV1D_WARNING) and route in res.stderr, res
+        assert res.stderr.count("\n") == 1
+    res = lrs("convert", tmp_path / "balance", tmp_path / "miss", "--to", "peft-miss")
+    assert res.code == 0 and res.stderr.startswith(CONV1D_WARNING) and res.stderr.count("\n") == 1, res
+    res = lrs("init", "--method", "fossil", "--base", llama, "--out", tmp_path / "llama")
+    assert res.code == 0 and res.stderr == "", res
 
 
 FOSSIL_BAD = {  # expected message -> init options

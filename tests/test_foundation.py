@@ -18,7 +18,7 @@ from lowrank_surgery.checkpoint import (
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.targets import linear_targets
 
-from conftest import assert_one_line_error, fill, load_causal_lm, pickled_copy
+from conftest import assert_one_line_error, cache_on_hub, fill, load_causal_lm, pickled_copy
 
 
 def test_lazy_reader_matches_safetensors(tiny_models):
@@ -422,15 +422,7 @@ def lrs_module_adapter(base: Path, out: Path) -> Path:
 
 def test_hub_id_resolves_from_cache_offline(tmp_path, monkeypatch, llama):
     """A Hub id is served from the huggingface_hub cache (HF_HUB_OFFLINE), at the cached revision."""
-    commit = "a" * 40
-    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / commit
-    shutil.copytree(llama, snapshot)
-    refs = tmp_path / "hub" / "models--acme--tiny-llama" / "refs"
-    refs.mkdir()
-    (refs / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    commit = cache_on_hub(llama, "acme/tiny-llama", tmp_path / "hub", monkeypatch)
     ckpt = lrs.Checkpoint("acme/tiny-llama")
     assert ckpt.source.revision == commit and len(ckpt.shards) == 3
     with pytest.raises(LrsError, match="not in the Hub cache"):

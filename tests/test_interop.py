@@ -180,9 +180,26 @@ def _trained_cola(base, strategy: str, num_a: int, num_b: int, rslora: bool = Fa
     return adapter
 
 
+def _original_load(tensors: dict[str, torch.Tensor], path: str, kind: str, count: int) -> list[torch.Tensor]:
+    """The copies lora_{kind}[0..count) the original code holds after loading a file, in float32. Its pissa_init
+    gives every copy one tensor (peft/tuners/cola/layer.py: `self.lora_A[adapter_name][i].weight.data = lora_A`,
+    likewise lora_B), and set_peft_model_state_dict (peft/utils/save_and_load.py) loads with
+    model.load_state_dict(strict=False), which copies each stored tensor into its parameter in place."""
+    stored = [tensors[f"base_model.model.{path}.lora_{kind}.{i}.weight"] for i in range(count)]
+    out_features, in_features = stored[0].shape
+    copies = torch.nn.ModuleList([torch.nn.Linear(in_features, out_features, bias=False) for _ in range(count)])
+    tied = torch.zeros(out_features, in_features)  # pissa_init's value, overwritten by the load
+    for layer in copies:
+        layer.weight.data = tied
+    copies.load_state_dict({f"{i}.weight": t for i, t in enumerate(stored)}, strict=False)
+    return [layer.weight.detach().clone() for layer in copies]
+
+
 @pytest.mark.parametrize("strategy, num_a, num_b, rslora", [("fully", 2, 3, False), ("random", 2, 3, True),
                                                             ("heuristic", 1, 3, False)])
 def test_convert_to_cola_is_what_the_original_code_loads(llama, tmp_path, strategy, num_a, num_b, rslora):
+    """The original code ties its copies, so only equal copies load as written: its merged weight (residual +
+    s·Σ_ij B_j A_i over the tied copies) is the source adapter's, and lrs reads the file back to the same ΔW."""
     adapter = _trained_cola(llama, strategy, num_a, num_b, rslora)
     ls.save_adapter(adapter, tmp_path / "src")
     report = convert(tmp_path / "src", tmp_path / "out", "cola")
@@ -195,8 +212,7 @@ def test_convert_to_cola_is_what_the_original_code_loads(llama, tmp_path, strate
     weights = _base_weights(llama)
     method = adapter.method
     for path, params in adapter.weights.items():
-        a = [tensors[f"base_model.model.{path}.lora_A.{i}.weight"] for i in range(num_a)]
-        b = [tensors[f"base_model.model.{path}.lora_B.{j}.weight"] for j in range(num_b)]
+        a, b = _original_load(tensors, path, "A", num_a), _original_load(tensors, path, "B", num_b)
         r, alpha = _original_lookup(config, path)
         original = _original_residual(weights[path], r) + (alpha / r) * _original_sum("fully", a, b)
         assert _rel(original, method.merge(weights[path], params, path)) < 1e-5  # lrs's evaluation forward

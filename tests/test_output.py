@@ -4,6 +4,7 @@ live inside OUT, signals, concurrent runs, what a killed run leaves, parent dire
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +17,13 @@ import torch
 from safetensors.torch import save_file
 
 import lowrank_surgery as lrs
-from lowrank_surgery.checkpoint import Checkpoint, atomic_output
+from lowrank_surgery.adapter import default_adapter_out, load_adapter, save_adapter
+from lowrank_surgery.checkpoint import Checkpoint, atomic_output, model_name
 from lowrank_surgery.errors import LrsError
+from lowrank_surgery.initialize import init_adapter
+from lowrank_surgery.subspace import default_subspace_out
+
+from conftest import assert_one_line_error, cache_on_hub
 
 CLI = [sys.executable, "-c", "from lowrank_surgery.cli.app import main; main()"]
 
@@ -224,3 +230,65 @@ def test_what_a_killed_run_leaves_is_recognisable_and_cleaned_by_the_next(big, t
     res = lrs("merge", big["adapter"], big["base"], out)
     assert res.code == 0, res.stderr
     assert not leftovers(tmp_path) and len(Checkpoint(out).names()) == 16
+
+
+# ------------------------------------------------------------------------------------------------ default OUT
+
+
+@pytest.mark.parametrize("model, name", [
+    ("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M"),
+    ("Qwen/Qwen2.5-0.5B", "Qwen2.5-0.5B"),  # a dot inside a name is not a suffix
+    ("models/smollm2/", "smollm2"),
+    ("~/ckpt/weights.safetensors", "weights"),
+    ("old/pytorch_model.bin", "pytorch_model"),
+    ("/data/.cache/.hidden-model", "hidden-model"),
+    ("my model (v2)", "my-model-v2"),
+    ("/data/-rf", "rf"),
+    ("/", "model"),
+])
+def test_model_name_is_the_last_component_made_safe(model, name):
+    assert model_name(model) == name
+
+
+def test_default_outs_are_named_after_models_method_and_rank():
+    assert default_adapter_out("HuggingFaceTB/SmolLM2-135M-Instruct", "cola", 8) == Path("SmolLM2-135M-Instruct-cola-r8")
+    assert default_subspace_out(["a/x", "b/y.safetensors"], 64) == Path("x+y-subspace-r64")
+    assert default_subspace_out(["a/x", "b/y", "c/z", "d/w"], 16) == Path("x+3-more-subspace-r16")
+
+
+def _output_line(res) -> str:
+    return res.stdout.strip().splitlines()[-1]
+
+
+def test_init_without_out_writes_in_the_current_directory(lrs, llama, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = lrs("init", "--method", "cola", "--base", llama, "--rank", "2", "--targets", "q_proj")
+    expected = f"{llama.name}-cola-r2"
+    assert res.code == 0 and f"to {expected}:" in _output_line(res), res
+    assert load_adapter(tmp_path / expected).config.method == "cola"
+    again = lrs("init", "--method", "cola", "--base", llama, "--rank", "2", "--targets", "q_proj")
+    assert_one_line_error(again, f"{expected} already exists; pass --force to overwrite it")
+    assert lrs("init", "--method", "cola", "--base", llama, "--rank", "2", "--targets", "q_proj", "--force").code == 0
+    written = save_adapter(init_adapter("lora", llama, r=2, targets="q_proj"))  # the Python API's default
+    assert written == Path(f"{llama.name}-lora-r2") and (tmp_path / written / "adapter_config.json").is_file()
+
+
+def test_extract_subspace_without_out_is_named_after_every_model(lrs, llama, tmp_path, monkeypatch):
+    (tmp_path / "twin").symlink_to(llama)
+    monkeypatch.chdir(tmp_path)
+    res = lrs("extract-subspace", llama, "twin", "--rank", "2", "--json")
+    expected = f"{llama.name}+twin-subspace-r2"
+    assert res.code == 0 and json.loads(res.stdout)["out"] == expected
+    assert json.loads((tmp_path / expected / "subspace.json").read_text())["rank"] == 2
+    assert_one_line_error(lrs("extract-subspace", llama, "twin", "--rank", "2"), f"{expected} already exists")
+
+
+def test_a_hub_id_with_a_revision_names_the_output_after_the_repository(lrs, llama, tmp_path, monkeypatch):
+    commit = cache_on_hub(llama, "acme/tiny-llama", tmp_path / "hub", monkeypatch)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for args, expected in [(["init", "--method", "lora", "--base", "acme/tiny-llama"], "tiny-llama-lora-r8"),
+                           (["extract-subspace", "acme/tiny-llama", "--rank", "2"], "tiny-llama-subspace-r2")]:
+        res = lrs(*args, "--revision", commit)
+        assert res.code == 0 and f"to {expected}" in _output_line(res), res
+        assert (tmp_path / "work" / expected).is_dir()

@@ -17,7 +17,7 @@ from lowrank_surgery import cards
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.hub import push
 
-from conftest import assert_one_line_error, fill
+from conftest import assert_one_line_error, cache_on_hub, fill
 
 SECRET = "hf_secretTOKEN1234567890abcdef"
 BASE_ID = "acme/tiny-llama"
@@ -135,11 +135,7 @@ def test_pipeline_tag_from_the_base_config(llama, tmp_path, monkeypatch):
     assert "base_model" not in validated(cards.adapter_card(adapter))
     adapter.config.base_model = BASE_ID
     assert "pipeline_tag" not in validated(cards.adapter_card(adapter))  # not cached: no guess, no network
-    snapshot_dir = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / ("a" * 40)
-    shutil.copytree(llama, snapshot_dir)
-    (snapshot_dir.parents[1] / "refs").mkdir()
-    (snapshot_dir.parents[1] / "refs" / "main").write_text("a" * 40)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    cache_on_hub(llama, BASE_ID, tmp_path / "hub", monkeypatch)
     assert validated(cards.adapter_card(adapter))["pipeline_tag"] == "text-generation"
 
 

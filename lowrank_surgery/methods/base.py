@@ -148,7 +148,12 @@ class Method:
     def export_native(self, adapter: Adapter) -> tuple[Adapter, dict[str, Any], list[str]]:
         """(adapter, adapter_config.json contents, warnings) as the reference code of this method's on-disk format
         loads them (`lrs convert --to` that format). By default lrs's own files, which that code reads as they are."""
-        return adapter, self.to_json(), []
+        return adapter, self.to_json(), self.native_warnings()
+
+    def native_warnings(self) -> list[str]:
+        """What the reference code of lrs's own on-disk format for this method cannot load of this adapter, and the
+        route that works instead; said whenever lrs writes such files (init, convert)."""
+        return []
 
     def split_keys(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Group state-dict keys by module path; keys that do not fit the method are an error."""

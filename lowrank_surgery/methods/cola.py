@@ -31,9 +31,17 @@ lrs's B0·M/|P| (DESIGN) does not.
 `lrs convert --to cola` writes what that code loads (`export_native`): its PEFT 0.12 passes every
 adapter_config.json key to ColaConfig(**kwargs) and fails on unknown ones, so the config holds only
 ColaConfig's fields (no `lrs` block, no `use_rslora`: rsLoRA's α/√r is written as lora_alpha = α·√r, and
-per-module scales as full-path rank_pattern/alpha_pattern entries); the strategy becomes `fully` with the
-same ΔW (B_j scaled by the pairing's column weights: random's 1/N), which heuristic with M > 1 cannot
-have. The frozen factors stay in the file (that code ignores unexpected keys) so lrs reads it back exactly.
+per-module scales as full-path rank_pattern/alpha_pattern entries). Its copies are tied: pissa_init gives every
+lora_A[i] the one tensor `lora_A` (`self.lora_A[adapter_name][i].weight.data = lora_A`, peft/tuners/cola/layer.py),
+and every lora_B[j] the one `lora_B`; loading (peft/utils/save_and_load.py set_peft_model_state_dict,
+model.load_state_dict(strict=False)) copies lora_A.0 … lora_A.{M−1} in turn into that one tensor, so the last
+is what every copy holds (on a float32 base; the cast to a bf16/fp16 base's dtype unties them first). So the
+copies written are equal, Ā = ΣA/M for every A_i and B̄ = (Σ_j c_j·B_j)/N for every B_j (c_j: the strategy's
+weight of B_j), and the original's ΔW over them, s·[N·B̄·M·Ā − B0·A0] = s·[(Σ_j c_j·B_j)(Σ_i A_i) − B0·A0], is
+the strategy's own: fully (c_j = 1), random's expectation (c_j = 1/N) and heuristic with one A (c_j = 1).
+Heuristic with M > 1 pairs each A_i with its own B's, a sum of rank up to M·r that one rank-r pair cannot hold:
+refused.
+The frozen factors stay in the file (that code ignores unexpected keys) so lrs reads it back exactly.
 """
 
 from __future__ import annotations
@@ -169,20 +177,22 @@ class CoLA(PissaInit, Method):
 
     # ------------------------------------------------------------------ the original code's layout
     def export_native(self, adapter: Adapter) -> tuple[Adapter, dict[str, Any], list[str]]:
-        """What the original code loads: `fully` parameters with the same ΔW and only ColaConfig's fields."""
-        weights = {path: self.as_fully(params, path) for path, params in adapter.weights.items()}
+        """What the original code loads: `fully` parameters with equal copies, the same ΔW, only ColaConfig's fields."""
+        weights = {path: self.as_tied_fully(params, path) for path, params in adapter.weights.items()}
         config = replace(self.config, options={**self.config.options, "strategy": "fully"})
         return Adapter(config, weights), self.original_json(weights), self.original_warnings()
 
-    def as_fully(self, params: Params, path: str) -> dict[str, torch.Tensor]:
-        """Parameters whose `fully` ΔW is this strategy's (evaluation) ΔW: B_j scaled by c_0j, possible when every
-        A_i is summed with the same B's (c has equal rows: fully, random's expectation, heuristic with one A)."""
+    def as_tied_fully(self, params: Params, path: str) -> dict[str, torch.Tensor]:
+        """`fully` parameters with equal copies (A_i = ΣA/M, B_j = Σ_j c_j·B_j / N) and this strategy's evaluation ΔW;
+        possible when every A_i is summed with the same B's (c has equal rows), see the module doc."""
         c = self.coefficients()
         if not bool((c == c[0]).all()):
             raise LrsError(f"CoLA module {path}: strategy {self.strategy} with {self.num_a} A's pairs each A with its "
-                           f"own B's, which the original code's only strategy (fully) cannot express; "
-                           f"convert it --to peft-lora instead (exact)")
-        return {**params, **{name: params[name] * float(c[0, j]) for j, name in enumerate(self.b_names)}}
+                           f"own B's, which the original code (one tied A and one tied B, strategy fully) cannot "
+                           f"express; convert it --to peft-lora instead (exact)")
+        b_sum, a_sum = self.trained_pair(params, c)
+        a, b = a_sum / self.num_a, b_sum / self.num_b
+        return {**params, **dict.fromkeys(self.a_names, a), **dict.fromkeys(self.b_names, b)}
 
     def original_json(self, paths: Iterable[str]) -> dict[str, Any]:
         """adapter_config.json with the original ColaConfig's fields only (PEFT 0.12 rejects unknown keys)."""
