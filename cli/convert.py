@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -59,14 +60,26 @@ def convert(
         f"{report['method']}, {kind}, max relative error {report['max_error']:.2e}")
 
 
-@app.command("extract-lora", epilog="Example: lrs extract-lora ./my-finetune ./SmolLM2-135M lora-out --rank 16")
+@app.command("extract-lora",
+             epilog="Example: lrs extract-lora ./my-finetune ./SmolLM2-135M lora-out --energy 0.9 --rank 64")
 def extract_lora(
     finetuned: str = typer.Argument(..., help="Fine-tuned checkpoint (directory, .safetensors or Hub id)."),
     base: str = typer.Argument(..., help="The base checkpoint it was fine-tuned from."),
     out: Path = typer.Argument(..., help="Adapter directory to write (PEFT LoRA)."),
-    rank: int = typer.Option(..., "--rank", "-r", help="Rank of the extracted LoRA."),
+    rank: int = typer.Option(None, "--rank", "-r", help="Rank of every module; with --energy or --threshold, the most "
+                                                        "a module keeps. Give --rank, --energy or --threshold."),
+    energy: float = typer.Option(None, "--energy", help="Per-module rank: the fewest singular values whose energy "
+                                                        "Σ_{i≤r}σ_i² reaches this fraction (0 < F ≤ 1) of "
+                                                        "‖ΔW‖_F² = Σσ_i²."),
+    threshold: float = typer.Option(None, "--threshold", help="Per-module rank: keep the singular values "
+                                                              "σ_i > T·σ_max, relative to the module's largest "
+                                                              "(0 ≤ T < 1; kohya's sv_ratio R is T = 1/R)."),
+    distribute_scale: bool = typer.Option(False, "--distribute-scale", help="Factors B = U·√S, A = √S·Vᵀ (equal "
+                                                                            "norms) instead of B = U·S, A = Vᵀ "
+                                                                            "(mergekit's split)."),
     targets: str = typer.Option("all-linear", "--targets", help="Comma list of module names or regexes, or all-linear."),
-    algorithm: Algorithm = typer.Option(Algorithm.exact, "--algorithm", help="Truncated SVD algorithm."),
+    algorithm: Algorithm = typer.Option(Algorithm.exact, "--algorithm", help="Truncated SVD algorithm (randomized "
+                                                                              "needs --rank)."),
     niter: int = typer.Option(4, "--niter", help="Power iterations of the randomized SVD."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     save_module: list[str] = typer.Option([], "--save-module", help="Keep this module's changed tensors whole (PEFT "
@@ -77,17 +90,32 @@ def extract_lora(
     allow_pickle: bool = ALLOW_PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Extract a LoRA from the difference of two checkpoints, with the energy it retains per module."""
+    """Extract a LoRA from the difference of two checkpoints, with the rank and energy it keeps per module."""
     report = extract(finetuned, base, out, rank, targets=targets, algorithm=algorithm.value, niter=niter,
                      device=device, force=force, save_modules=save_module, save_changed=save_changed,
-                     allow_pickle=allow_pickle)
+                     allow_pickle=allow_pickle, energy=energy, threshold=threshold, distribute_scale=distribute_scale)
     if as_json:
         print_json(report)
         return
+    per_module = energy is not None or threshold is not None
     rows = [row | {"energy": f"{row['energy']:.4f}", "error": f"{row['error']:.3e}"} for row in report["per_module"]]
-    say(table(rows, ["module", "shape", "energy", "error"]))
-    say(f"wrote rank-{rank} LoRA to {out}: {report['modules']} modules ({report['unchanged']} unchanged left out), "
-        f"retained energy min {report['min_energy']:.4f}, mean {report['mean_energy']:.4f}; "
-        f"{report['total_energy']:.4f} of the whole change")
+    say(table(rows, ["module", "shape", *(["rank"] if per_module else []), "energy", "error"]))
+    say(f"wrote {_rank_summary(report) if per_module else f'rank-{rank}'} LoRA to {out}: {report['modules']} modules "
+        f"({report['unchanged']} unchanged left out), retained energy min {report['min_energy']:.4f}, "
+        f"mean {report['mean_energy']:.4f}; {report['total_energy']:.4f} of the whole change")
+    capped = [row for row in report["per_module"] if row["capped"]]
+    if capped:
+        say(f"--rank {rank} kept fewer singular values than the rule asks in {len(capped)} module(s); lowest retained "
+            f"energy {min(row['energy'] for row in capped):.4f}")
     if report["modules_to_save"]:
         say(f"kept whole (modules_to_save): {', '.join(report['modules_to_save'])}")
+
+
+def _rank_summary(report: dict[str, Any]) -> str:
+    """'rank-4' or 'rank 2-7', and the rule that chose them."""
+    ranks = [row["rank"] for row in report["per_module"]]
+    span = f"rank-{ranks[0]}" if min(ranks) == max(ranks) else f"rank {min(ranks)}-{max(ranks)}"
+    rule = (f"energy >= {report['energy_target']}" if report["energy_target"] is not None
+            else f"sigma > {report['threshold']}*sigma_max")
+    cap = "" if report["rank"] is None else f", at most {report['rank']}"
+    return f"{span} ({rule}{cap})"

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,11 +70,24 @@ class AdapterConfig:
 
 
 def _lookup(pattern: dict, path: str, default):
-    """PEFT's pattern rule: a key matches a module path exactly or as a dotted suffix/regex."""
+    """The value of the first key that matches the module path (PEFT's order), else the default."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if pattern_matches(key, path):
             return value
     return default
+
+
+def pattern_matches(key: str, path: str) -> bool:
+    """PEFT's rule for rank_pattern/alpha_pattern keys: a regex matching the module path or a dotted suffix of it."""
+    return re.match(rf"(.*\.)?({key})$", path) is not None
+
+
+def pattern_key(path: str, modules: Iterable[str]) -> str:
+    """The module path as a pattern key that matches that module only: the path itself, or, where it would also
+    match another of `modules` (one ending in `.<path>`), the path escaped and anchored at the start."""
+    if all(m == path or not pattern_matches(path, m) for m in modules):
+        return path
+    return "^" + re.escape(path)
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """`lrs extract-lora`: a LoRA from the difference of a fine-tuned checkpoint and its base (like mergekit-extract-lora).
 
 Shard by shard, D = W_ft − W_base for every target; same-shape differences go through one batched
-truncated SVD; B = U_r·diag(S_r), A = Vh_r, α = r (s = 1), so s·B·A is the best rank-r approximation
-of D. The retained energy Σ_{i≤r}σ_i² / ‖D‖_F² is reported per module; modules that did not change
-are left out of the adapter.
+truncated SVD D ≈ U_r·diag(S_r)·Vh_r. The rank r is fixed (`rank`) or chosen per module (`RankRule`): the fewest
+singular values whose energy Σ_{i≤r}σ_i² reaches a fraction of ‖D‖_F² = Σσ_i², or those above a fraction of σ_max,
+at most `rank` when given. The factors are B = U_r·diag(S_r), A = Vh_r (mergekit's split) or, with
+`distribute_scale`, B = U_r·diag(√S_r), A = diag(√S_r)·Vh_r; α = r per module (alpha_pattern beside rank_pattern),
+so s = 1 and s·B·A is the rank-r truncation of D. The retained energy Σ_{i≤r}σ_i² / ‖D‖_F² is reported per module;
+modules that did not change (D exactly zero) are left out of the adapter.
 
 A LoRA only holds linear weights: changes to anything else (norms, embeddings, biases, an untargeted lm_head)
 are reported, with their share in the total retained energy, and warned about unless kept whole as PEFT
@@ -15,14 +18,16 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from .adapter import Adapter, AdapterConfig, save_adapter
+from .adapter import Adapter, AdapterConfig, pattern_key, save_adapter
 from .architecture import layout
 from .checkpoint import Checkpoint, check_output
 from .errors import LrsError, warn
@@ -45,17 +50,80 @@ class Change:
         return self.name.rpartition(".")[0]
 
 
-def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, rank: int,
-                 targets: str = "all-linear", algorithm: str = "exact", niter: int = 4, device: str = "auto",
-                 force: bool = False, save_modules: Sequence[str] = (), save_changed: bool = False,
-                 allow_pickle: bool = False) -> dict[str, Any]:
-    """Write a PEFT LoRA approximating FINETUNED − BASE at rank r; returns a report with per-module energy.
+SPLITS = {False: "B=U*S, A=Vh", True: "B=U*sqrt(S), A=sqrt(S)*Vh"}  # by distribute_scale; recorded in the adapter
+# Float32 singular values carry ~1e-7 relative rounding: without slack, --energy 1 on an exactly low-rank
+# difference would keep noise singular values past its rank.
+ENERGY_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """How many singular values each module keeps: `rank` alone fixes it; `energy` keeps the fewest whose energy
+    Σ_{i≤r}σ_i² reaches that fraction of ‖ΔW‖_F² = Σσ_i², `threshold` those with σ_i > threshold·σ_max (relative to
+    the module's largest); with either, `rank` is the most a module keeps. Never 0 for a changed module."""
+
+    rank: int | None = None
+    energy: float | None = None
+    threshold: float | None = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.energy is None and self.threshold is None
+
+    def svd_rank(self, rows: int, columns: int) -> int:
+        """Singular triplets to compute for a rows×columns difference: the fixed rank, else one past the cap
+        (which tells whether the cap stopped the rule short), else all of them."""
+        if self.fixed:
+            return self.rank  # type: ignore[return-value]
+        full = min(rows, columns)
+        return full if self.rank is None else min(self.rank + 1, full)
+
+    def choose(self, s: Tensor, squared: float, full: int) -> tuple[int, bool]:
+        """(rank, whether the cap kept fewer than the rule asks) from the leading singular values `s` (descending)
+        of a difference with ‖ΔW‖_F² = `squared` and min(rows, columns) = `full`."""
+        if self.fixed:
+            return len(s), False
+        if self.energy is not None:
+            reached = torch.cumsum(s.double().square(), 0) >= (self.energy - ENERGY_TOLERANCE) * squared
+            wanted = int(reached.int().argmax()) + 1 if reached.any() else len(s) + 1
+        else:
+            wanted = int((s > self.threshold * s[0]).sum())
+        limit = full if self.rank is None else min(self.rank, full)
+        return max(1, min(wanted, limit)), wanted > limit and limit < full
+
+
+def _rank_rule(rank: int | None, energy: float | None, threshold: float | None, algorithm: str) -> RankRule:
+    """The rule the flags give, or the one line saying what is wrong with them."""
+    if rank is None and energy is None and threshold is None:
+        raise LrsError("give --rank R, --energy F or --threshold T: how many singular values each module keeps")
+    if energy is not None and threshold is not None:
+        raise LrsError("--energy and --threshold both choose each module's rank: give one of them")
+    if rank is not None and rank < 1:
+        raise LrsError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise LrsError(f"--energy must be in (0, 1] (the share of the squared Frobenius norm of the difference "
+                       f"to keep), got {energy}")
+    if threshold is not None and not 0 <= threshold < 1:
+        raise LrsError(f"--threshold must be in [0, 1) (a fraction of each module's largest singular value), "
+                       f"got {threshold}")
+    if algorithm == "randomized" and rank is None:
+        raise LrsError("--algorithm randomized computes at most --rank singular values: give --rank as the cap "
+                       "of --energy or --threshold, or use --algorithm exact")
+    return RankRule(rank, energy, threshold)
+
+
+def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
+                 rank: int | None = None, targets: str = "all-linear", algorithm: str = "exact", niter: int = 4,
+                 device: str = "auto", force: bool = False, save_modules: Sequence[str] = (),
+                 save_changed: bool = False, allow_pickle: bool = False, energy: float | None = None,
+                 threshold: float | None = None, distribute_scale: bool = False) -> dict[str, Any]:
+    """Write a PEFT LoRA approximating FINETUNED − BASE; returns a report with per-module rank and energy.
+    The rank is `rank` everywhere, or chosen per module by `energy` or `threshold` (see RankRule), at most `rank`.
     Changed tensors outside the targets are kept whole (PEFT modules_to_save) for the modules `save_modules`
     names, or all of them with `save_changed`; the others are reported as dropped."""
     out = Path(out)
+    rule = _rank_rule(rank, energy, threshold, algorithm)
     check_output(out, force, inputs=(finetuned, base))
-    if rank < 1:
-        raise LrsError(f"--rank must be at least 1, got {rank}")
     if niter < 0:
         raise LrsError(f"--niter must be at least 0, got {niter}")
     start = time.perf_counter()
@@ -64,12 +132,14 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
         ckpt.require_unquantized()
     check_same_layout(ft, bs)
     chosen = select_targets(bs, targets)
-    config = AdapterConfig(method="lora", r=rank, alpha=float(rank), target_modules=[],
+    config = AdapterConfig(method="lora", r=1, alpha=1.0, target_modules=[],
                            fan_in_fan_out=any(t.conv1d for t in chosen), base_model=bs.source.id)
-    for t in chosen:
-        get_method(config).validate(t)
+    if rule.fixed:  # a fixed rank must fit every module before a shard is read; chosen ranks fit by construction
+        config.r = rank
+        for t in chosen:
+            get_method(config).validate(t)
     kept = modules_to_save(bs, chosen, save_modules)
-    weights, rows = _extract(ft, bs, chosen, rank, algorithm, niter, device)
+    weights, rows = _extract(ft, bs, chosen, rule, distribute_scale, algorithm, niter, device)
     if not weights:
         raise LrsError(f"{ft.source.id} and {bs.source.id} have identical weights in every targeted module")
     changes = other_changes(ft, bs, chosen)
@@ -81,8 +151,10 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
     changed = [t for t in chosen if t.path in weights]
     config.target_modules = compact_names(changed, bs)
     config.modules_to_save = sorted(kept)
-    config.options = {"extracted_from": ft.source.id, "algorithm": algorithm,
-                      "energy": {row["module"]: row["energy"] for row in rows}}
+    _set_ranks(config, {row["module"]: row["rank"] for row in rows}, [t.path for t in chosen])
+    split = SPLITS[distribute_scale]
+    config.options = {"extracted_from": ft.source.id, "algorithm": algorithm, "split": split,
+                      "rank_rule": asdict(rule), "energy": {row["module"]: row["energy"] for row in rows}}
     config.provenance = {"base": bs.source.id, "base_revision": bs.source.revision, "base_hash": bs.fingerprint(),
                          "created_by": "extract-lora"}
     saved = {name: ft.get_finite(name) for name in ft.tensors if name.rpartition(".")[0] in kept}
@@ -91,8 +163,9 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
              f"apart from the tied weight, so PEFT will not reproduce the fine-tuned model (lrs merge does)")
     save_adapter(Adapter(config, weights, saved), out, force=force)
     energies = [row["energy"] for row in rows]
-    return {"finetuned": ft.source.id, "base": bs.source.id, "out": str(out), "rank": rank, "algorithm": algorithm,
-            "modules": len(weights), "unchanged": len(chosen) - len(weights),
+    return {"finetuned": ft.source.id, "base": bs.source.id, "out": str(out), "rank": rank, "energy_target": energy,
+            "threshold": threshold, "split": split, "algorithm": algorithm, "modules": len(weights),
+            "unchanged": len(chosen) - len(weights),
             "min_energy": min(energies), "mean_energy": sum(energies) / len(energies),
             "total_energy": _total_energy(rows, changes, dropped), "modules_to_save": config.modules_to_save,
             "dropped": {"tensors": [c.name for c in dropped],
@@ -173,11 +246,9 @@ def check_same_layout(ft: Checkpoint, base: Checkpoint) -> None:
             raise LrsError(f"tensor {name} has shape {list(a)} in {ft.source.id} but {list(b)} in {base.source.id}")
 
 
-def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rank: int, algorithm: str, niter: int,
-             device: str) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
-    """Per fine-tuned shard: differences, one batched SVD, the factors and their energy."""
-    from .svd import truncated_svd
-
+def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rule: RankRule, distribute_scale: bool,
+             algorithm: str, niter: int, device: str) -> tuple[dict[str, dict[str, Tensor]], list[dict[str, Any]]]:
+    """Per fine-tuned shard: differences, batched SVDs, each module's rank, its factors and their energy."""
     by_shard: dict[Path, list[Target]] = {}
     for t in chosen:
         by_shard.setdefault(ft.info(t.source).shard, []).append(t)
@@ -185,13 +256,44 @@ def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rank: int, al
     for batch in progress(by_shard.values(), "extract", total=len(by_shard), unit="shard"):
         diffs = [(t, load_weight(ft, t) - load_weight(bs, t)) for t in batch]
         diffs = [(t, d) for t, d in diffs if d.any()]
-        if not diffs:
-            continue
-        svds = truncated_svd([d for _, d in diffs], rank, algorithm=algorithm, niter=niter, device=device)
-        for (t, d), (u, s, vh) in zip(diffs, svds):
-            weights[t.path] = {"lora_A.weight": vh.contiguous(), "lora_B.weight": (u * s).contiguous()}
+        for (t, d), (u, s, vh) in zip(diffs, _svds([d for _, d in diffs], rule, algorithm, niter, device)):
             squared = float(d.double().square().sum())
-            energy = min(1.0, float(s.double().square().sum()) / squared)
-            rows.append({"module": t.path, "shape": f"{t.out_features}x{t.in_features}", "energy": energy,
-                         "error": math.sqrt(1.0 - energy), "squared": squared})
+            r, capped = rule.choose(s, squared, min(d.shape))
+            weights[t.path] = _factors(u[:, :r], s[:r], vh[:r], distribute_scale)
+            energy = min(1.0, float(s[:r].double().square().sum()) / squared)
+            rows.append({"module": t.path, "shape": f"{t.out_features}x{t.in_features}", "rank": r, "energy": energy,
+                         "error": math.sqrt(1.0 - energy), "squared": squared, "capped": capped})
     return weights, rows
+
+
+def _svds(diffs: list[Tensor], rule: RankRule, algorithm: str, niter: int, device: str
+          ) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Each difference's leading singular triplets, as many as the rule needs; one batched call per count."""
+    from .svd import truncated_svd
+
+    counts = [rule.svd_rank(*d.shape) for d in diffs]
+    svds: list[tuple[Tensor, Tensor, Tensor]] = [None] * len(diffs)  # type: ignore[list-item]
+    for count in dict.fromkeys(counts):
+        picked = [k for k, c in enumerate(counts) if c == count]
+        found = truncated_svd([diffs[k] for k in picked], count, algorithm=algorithm, niter=niter, device=device)
+        for k, svd in zip(picked, found):
+            svds[k] = svd
+    return svds
+
+
+def _factors(u: Tensor, s: Tensor, vh: Tensor, distribute_scale: bool) -> dict[str, Tensor]:
+    """LoRA factors with B·A = U·diag(S)·Vh: S on B (mergekit's split) or √S on each (balanced)."""
+    if distribute_scale:
+        root = s.sqrt()
+        return {"lora_A.weight": (root[:, None] * vh).contiguous(), "lora_B.weight": (u * root).contiguous()}
+    return {"lora_A.weight": vh.contiguous(), "lora_B.weight": (u * s).contiguous()}
+
+
+def _set_ranks(config: AdapterConfig, ranks: dict[str, int], modules: Sequence[str]) -> None:
+    """r (and α) from the most common rank (the larger on a tie); the other modules go to PEFT's rank_pattern,
+    keyed so as to match that one of the targeted `modules`, with α = rank in alpha_pattern: s = α/r = 1 everywhere."""
+    counts = Counter(ranks.values())
+    config.r = max(counts, key=lambda r: (counts[r], r))
+    config.alpha = float(config.r)
+    config.rank_pattern = {pattern_key(path, modules): r for path, r in ranks.items() if r != config.r}
+    config.alpha_pattern = {key: float(r) for key, r in config.rank_pattern.items()}

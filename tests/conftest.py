@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,17 @@ def load_causal_lm(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def edited_copy(model: Path, path: Path, edit: Callable[[str, torch.Tensor], torch.Tensor]) -> Path:
+    """A copy of `model` (same shards) in which every tensor is what `edit(name, tensor)` returns."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, path)
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors = load_file(shard)
+        save_file({name: edit(name, t) for name, t in tensors.items()}, shard, metadata={"format": "pt"})
+    return path
 
 
 def fill(args, **paths) -> list[str]:

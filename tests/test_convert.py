@@ -18,7 +18,7 @@ from lowrank_surgery.extract import extract_lora
 from lowrank_surgery.initialize import load_weight
 from lowrank_surgery.targets import linear_targets
 
-from conftest import assert_one_line_error, fill, load_causal_lm, lrs_block
+from conftest import assert_one_line_error, edited_copy, fill, load_causal_lm, lrs_block
 from test_cora import subspace_for
 
 # (method, rank, options): every registered method runs with (rank 4, no options) unless listed here;
@@ -170,18 +170,17 @@ def test_peft_miss_rewrites_fossil_and_bone(llama, tmp_path):
 
 def test_extract_lora_recovers_planted_change(llama, tmp_path, lrs):
     r = 3
-    ft = tmp_path / "ft"
-    shutil.copytree(llama, ft)
     gen = torch.Generator().manual_seed(5)
     planted = {}
-    for shard in ft.glob("*.safetensors"):
-        tensors = load_file(shard)
-        for name, t in tensors.items():
-            if name.endswith(("q_proj.weight", "down_proj.weight")):
-                planted[name[: -len(".weight")]] = d = torch.randn(t.shape[0], r, generator=gen) @ torch.randn(
-                    r, t.shape[1], generator=gen) * 0.1
-                tensors[name] = t + d
-        save_file(tensors, shard, metadata={"format": "pt"})
+
+    def plant(name: str, t: torch.Tensor) -> torch.Tensor:
+        if not name.endswith(("q_proj.weight", "down_proj.weight")):
+            return t
+        planted[name[: -len(".weight")]] = d = torch.randn(t.shape[0], r, generator=gen) @ torch.randn(
+            r, t.shape[1], generator=gen) * 0.1
+        return t + d
+
+    ft = edited_copy(llama, tmp_path / "ft", plant)
     res = lrs("extract-lora", ft, llama, tmp_path / "out", "--rank", r, "--json")
     assert res.code == 0, res.stderr
     report = json.loads(res.stdout)
@@ -206,18 +205,14 @@ CHANGED_WHOLE = {"model.norm.weight", "model.embed_tokens.weight", "model.layers
 @pytest.fixture(scope="module")
 def finetuned(llama, tmp_path_factory):
     """The tiny llama with rank-2 changes to q_proj and down_proj, and changes a LoRA cannot hold (CHANGED_WHOLE)."""
-    ft = tmp_path_factory.mktemp("finetuned") / "ft"
-    shutil.copytree(llama, ft)
     gen = torch.Generator().manual_seed(7)
-    for shard in ft.glob("*.safetensors"):
-        tensors = load_file(shard)
-        for name, t in tensors.items():
-            if name.endswith(("q_proj.weight", "down_proj.weight")):
-                tensors[name] = t + torch.randn(t.shape[0], 2, generator=gen) @ torch.randn(2, t.shape[1], generator=gen)
-            elif name in CHANGED_WHOLE:
-                tensors[name] = t + 0.1 * torch.randn(t.shape, generator=gen)
-        save_file(tensors, shard, metadata={"format": "pt"})
-    return ft
+
+    def change(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name.endswith(("q_proj.weight", "down_proj.weight")):
+            return t + torch.randn(t.shape[0], 2, generator=gen) @ torch.randn(2, t.shape[1], generator=gen)
+        return t + 0.1 * torch.randn(t.shape, generator=gen) if name in CHANGED_WHOLE else t
+
+    return edited_copy(llama, tmp_path_factory.mktemp("finetuned") / "ft", change)
 
 
 def test_extract_lora_reports_and_warns_what_a_lora_cannot_hold(lrs, llama, finetuned, tmp_path):
@@ -268,15 +263,15 @@ def test_extract_lora_save_module_keeps_only_the_named(lrs, llama, finetuned, tm
 
 def test_extract_lora_warns_that_peft_unties_a_saved_tied_embedding(lrs, tiny_models, tmp_path):
     """qwen2 ties lm_head to embed_tokens: PEFT's modules_to_save copy breaks the tie, lrs merge keeps it."""
-    base, ft = tiny_models["qwen2"], tmp_path / "ft"
-    shutil.copytree(base, ft)
+    base = tiny_models["qwen2"]
     gen = torch.Generator().manual_seed(3)
-    for shard in ft.glob("*.safetensors"):
-        tensors = load_file(shard)
-        for name, t in tensors.items():
-            if name == "model.embed_tokens.weight" or name == "model.layers.0.self_attn.q_proj.weight":
-                tensors[name] = t + torch.outer(torch.randn(t.shape[0], generator=gen), torch.randn(t.shape[1], generator=gen))
-        save_file(tensors, shard, metadata={"format": "pt"})
+
+    def change(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+            return t + torch.outer(torch.randn(t.shape[0], generator=gen), torch.randn(t.shape[1], generator=gen))
+        return t
+
+    ft = edited_copy(base, tmp_path / "ft", change)
     res = lrs("extract-lora", ft, base, tmp_path / "out", "--rank", 1, "--save-changed")
     assert res.code == 0 and res.stderr.startswith("warning: model.embed_tokens.weight is tied to lm_head.weight"), res.stderr
     assert lrs("merge", tmp_path / "out", base, tmp_path / "merged").code == 0
