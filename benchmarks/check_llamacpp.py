@@ -68,10 +68,10 @@ def adapter_for(method: str, base: Path, work: Path) -> lrs.Adapter:
         options = {"subspace": str(work / "subspace")}
     adapter = lrs.init_adapter(method, base, r=8, alpha=16, targets="all-linear", options=options, seed=0)
     gen = torch.Generator().manual_seed(1)
-    for params in adapter.weights.values():
-        for name, t in params.items():
-            if name not in adapter.method.frozen:
-                params[name] = t + 0.02 * torch.randn(t.shape, generator=gen)
+    trainable = [(params, name) for params in adapter.weights.values() for name in params
+                 if name not in adapter.method.frozen]
+    for params, name in trainable:
+        params[name] = params[name] + 0.02 * torch.randn(params[name].shape, generator=gen)
     return adapter
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import LrsError
+from .llamacpp import FAMILIES
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -226,14 +228,31 @@ def _adapter_snippet(adapter: Adapter, repo_id: str | None) -> str:
         where = json.dumps(repo_id or "path/to/adapter")
         return _code("python", ["from peft import PeftModel", f"from transformers import {auto}", "",
                                 f"base = {auto}.from_pretrained({base})",
-                                f"model = PeftModel.from_pretrained(base, {where})"])
+                                f"model = PeftModel.from_pretrained(base, {where})"]) + _gguf_hint(adapter)
     load = f"snapshot_download({json.dumps(repo_id)})" if repo_id else '"path/to/adapter"'
     imports = ["from huggingface_hub import snapshot_download"] if repo_id else []
     return (_code("python", ["import lowrank_surgery as lrs", *imports, f"from transformers import {auto}", "",
                              f"model = {auto}.from_pretrained({base})",
                              f"model = lrs.attach(model, lrs.load_adapter({load}))"])
-            + f"\nThis method needs `lrs` to load; `lrs convert ADAPTER OUT --to peft-lora` exports it "
-              f"to a PEFT LoRA where its update is low-rank.\n")
+            + f"\nThis method needs `lrs` to load; {_export_hint(adapter, 'peft-lora', 'adapter-lora')} exports it to "
+              f"a PEFT LoRA{'' if adapter.method.low_rank else ' (a truncated SVD: its update is not low-rank)'}.\n"
+            + _gguf_hint(adapter))
+
+
+def _export_hint(adapter: Adapter, to: str, out: str) -> str:
+    """The `lrs convert` command line that exports the adapter, as it runs."""
+    lossy = "" if adapter.method.low_rank else " --allow-lossy"
+    base = shlex.quote(adapter.config.base_model) if adapter.config.base_model else "BASE"
+    return f"`lrs convert ADAPTER {out} --to {to} --base {base}{lossy}` (ADAPTER: this directory)"
+
+
+def _gguf_hint(adapter: Adapter) -> str:
+    """For bases llama.cpp's layout is known for: the command that makes its --lora file."""
+    architectures = (base_config(adapter.config.base_model) or {}).get("architectures") or [None]
+    if architectures[0] not in FAMILIES:
+        return ""
+    return (f"\nFor llama.cpp, Ollama or LM Studio, {_export_hint(adapter, 'gguf', 'adapter.gguf')} writes the "
+            f"file `llama-cli -m BASE.gguf --lora adapter.gguf` loads.\n")
 
 
 def adapter_card(adapter: Adapter, repo_id: str | None = None, metrics: dict | None = None,

@@ -166,3 +166,14 @@ def cache_on_hub(model: Path, repo_id: str, cache: Path, monkeypatch) -> str:
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     return commit
+
+
+def moved_off_init(adapter, scale: float = 0.05, seed: int = 1):
+    """The adapter with every trainable parameter moved by scale·N(0, 1) (ΔW ≠ 0 for every method); in place."""
+    gen = torch.Generator().manual_seed(seed)
+    frozen = adapter.method.frozen
+    for params in adapter.weights.values():
+        for name, t in params.items():
+            if name not in frozen:
+                params[name] = t + scale * torch.randn(t.shape, generator=gen)
+    return adapter

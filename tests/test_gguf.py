@@ -19,7 +19,7 @@ from lowrank_surgery.convert import convert
 from lowrank_surgery.initialize import load_weight
 from lowrank_surgery.targets import linear_targets
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, moved_off_init
 
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -69,13 +69,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 def _adapter(method: str, base: Path, **kw) -> ls.Adapter:
     """An adapter of `method` on every linear module (lm_head left out) with trainable parameters off their init."""
     targets = ",".join(sorted({t.path.rsplit(".", 1)[-1] for t in linear_targets(ls.Checkpoint(base))} - {"lm_head"}))
-    adapter = ls.init_adapter(method, base, r=4, alpha=8, targets=targets, seed=0, **kw)
-    gen = torch.Generator().manual_seed(1)
-    for params in adapter.weights.values():
-        for name, t in params.items():
-            if name not in adapter.method.frozen:
-                params[name] = t + 0.1 * torch.randn(t.shape, generator=gen)
-    return adapter
+    return moved_off_init(ls.init_adapter(method, base, r=4, alpha=8, targets=targets, seed=0, **kw), scale=0.1)
 
 
 def _unpermute(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -204,3 +198,22 @@ def test_what_llamacpp_cannot_load_is_refused_in_one_line(bases, tmp_path, lrs, 
     assert_one_line_error(lrs(*args), expected)
     assert (out.read_bytes() == b"keep") if case == "exists" else not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".lrs-" in p.name]
+
+
+@pytest.mark.parametrize("method, options", [("lora", None), ("cola", None), ("fossil", {"variant": "bat"})])
+def test_the_cards_convert_commands_run_as_written(bases, tmp_path, lrs, monkeypatch, method, options):
+    """Every `lrs convert` line the model card shows runs as it stands, ADAPTER being the directory itself."""
+    import re
+    import shlex
+
+    adapter = _adapter(method, bases["llama"], options=options)
+    ls.save_adapter(adapter, tmp_path / "ad")
+    card = (tmp_path / "ad" / "README.md").read_text()
+    commands = re.findall(r"`(lrs convert [^`]+)`", card)
+    assert any("--to gguf" in c for c in commands) and (method == "cola") == any("peft-lora" in c for c in commands)
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        args = [str(tmp_path / "ad") if a == "ADAPTER" else a for a in shlex.split(command)[1:]]
+        res = lrs(*args)
+        assert res.code == 0, (command, res.stderr)
+        assert (tmp_path / args[2]).exists()

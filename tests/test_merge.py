@@ -18,7 +18,7 @@ from lowrank_surgery.adapter import read_config, save_adapter
 from lowrank_surgery.cards import peft_loadable
 from lowrank_surgery.merge import WORKERS, merge, unmerge
 
-from conftest import assert_one_line_error, build_model, fill, load_causal_lm, lrs_block
+from conftest import assert_one_line_error, build_model, fill, load_causal_lm, lrs_block, moved_off_init
 
 # How to build an adapter of each method: name -> {case: (rank, options)}, where options may be a function of
 # the base path (for inputs built from it). A method missing here is tested with rank 4 and its defaults, so
@@ -48,14 +48,8 @@ def make_adapter(method: str, case: str, base: Path, seed: int = 1, targets: str
     """An adapter (on the method's default targets) whose trainable parameters are moved off their init: ΔW ≠ 0."""
     r, options = RECIPES.get(method, {}).get(case, (4, {}))
     options = options(base) if callable(options) else options
-    adapter = lrs.init_adapter(method, base, r=r, alpha=2.0 * r, targets=targets, options=options, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    frozen = adapter.method.frozen
-    for params in adapter.weights.values():
-        for name, t in params.items():
-            if name not in frozen:
-                params[name] = t + 0.05 * torch.randn(t.shape, generator=gen)
-    return adapter
+    return moved_off_init(lrs.init_adapter(method, base, r=r, alpha=2.0 * r, targets=targets, options=options,
+                                           seed=seed), seed=seed)
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -60,6 +60,11 @@ class Method:
         """Parameter names that never train."""
         return set()
 
+    @property
+    def low_rank(self) -> bool:
+        """ΔW is s·B·A for the pair `pair` gives: the adapter exports to LoRA exactly."""
+        return True
+
     def param_shapes(self, target: Target) -> dict[str, tuple[int, ...]]:
         """Expected shape of every parameter for a module of this shape."""
         raise NotImplementedError

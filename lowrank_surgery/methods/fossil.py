@@ -86,6 +86,10 @@ class Fossil(Method):
         return [{BLOCK: torch.zeros(self.param_shapes(t)[BLOCK])} for t in targets]
 
     # ------------------------------------------------------------------ maths
+    @property
+    def low_rank(self) -> bool:
+        return self.variant != "bat"
+
     def pair(self, params: Params, training: bool = False,
              shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(tiled Dᵀ, fold matrix) for balance/mini; needs the module shape (out, in). None for bat."""
