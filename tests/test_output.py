@@ -178,10 +178,17 @@ def big(tmp_path_factory) -> dict[str, Path]:
     return {"base": root / "base.safetensors", "adapter": root / "ad"}
 
 
+def _default_signals() -> None:
+    """The merge as a terminal starts it: under nohup or as a background job the suite's own process ignores
+    SIGHUP, SIGINT or SIGQUIT, which its children inherit and lrs rightly leaves ignored."""
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start_merge_and_stop_it(big: dict[str, Path], out: Path) -> subprocess.Popen:
     """`lrs merge` in a process of its own, frozen (SIGSTOP) once its temporary output exists."""
     proc = subprocess.Popen([*CLI, "merge", str(big["adapter"]), str(big["base"]), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     deadline = time.monotonic() + 60
     while not list(out.parent.glob(f".{out.name}.lrs-tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
