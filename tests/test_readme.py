@@ -16,7 +16,7 @@ def test_cli_reference_matches_help():
 
 
 def _readme_sections() -> dict[str, str]:
-    """The committed README's reference block, cut at its `### \`lrs NAME\`` headings."""
+    """The committed README's reference block, cut at its "### `lrs NAME`" headings."""
     block = README.read_text().partition(BEGIN)[2].partition(END)[0]
     parts = re.split(r"^### `lrs ([\w-]+)`$", block, flags=re.M)
     return dict(zip(parts[1::2], parts[2::2]))
