@@ -9,9 +9,10 @@ The whole command line is available as functions:
     lrs.merge_adapter("my-adapter", "path/to/model", "merged")
 """
 
-from .adapter import Adapter, AdapterConfig, default_adapter_out, load_adapter, save_adapter
+from .adapter import Adapter, default_adapter_out, load_adapter, save_adapter
 from .attach import AdapterLayer, attach, detach, trained_weights
 from .checkpoint import Checkpoint, resolve_model
+from .config import AdapterConfig
 from .convert import convert as convert_adapter
 from .errors import LrsError, LrsWarning
 from .extract import extract_lora

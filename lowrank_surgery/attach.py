@@ -8,9 +8,8 @@ from torch import nn
 from .adapter import Adapter
 from .checkpoint import check_finite
 from .errors import LrsError
-from .initialize import linear_float32
-from .methods import Method
-from .targets import Target
+from .methods import Method, get_method
+from .targets import Target, linear_float32
 
 
 class AdapterLayer(nn.Module):
@@ -56,7 +55,7 @@ def _slot(name: str) -> str:
 
 def attach(model: nn.Module, adapter: Adapter) -> nn.Module:
     """Wrap every module the adapter targets (in place); base parameters are frozen. Returns the model."""
-    method = adapter.method
+    method = get_method(adapter.config)  # the model's own: training state (CoLA's random draws) starts afresh
     if adapter.saved:
         raise LrsError(f"attach does not take whole modules (modules_to_save: {', '.join(adapter.config.modules_to_save)}); "
                        "use PEFT, or lrs merge")

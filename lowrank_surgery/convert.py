@@ -42,14 +42,13 @@ from typing import Any
 
 import torch
 
-from .adapter import (CONFIG_FIELDS, CONFIG_NAME, NUMBER, POSITIVE_INT, WEIGHTS_NAME, Adapter, AdapterConfig, check_fields,
-                      load_adapter, read_config, write_adapter_files)
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter, read_config, write_adapter_files
 from .checkpoint import Checkpoint, ModelSource, atomic_output, check_output, read_header, save_tensors
+from .config import CONFIG_FIELDS, NUMBER, POSITIVE_INT, AdapterConfig, check_fields
 from .errors import LrsError
-from .initialize import load_weight
 from .llamacpp import family_of, write_gguf
 from .methods import METHODS
-from .targets import Target, linear_targets
+from .targets import Target, linear_targets, load_weight
 
 FORMATS = ("peft-lora", "peft-miss", "kohya", "mlx", "cola", "gguf")
 NATIVE = {"peft-miss": "MISS", "cola": "COLA"}  # formats that are a method's own on-disk layout
@@ -473,7 +472,8 @@ def _native(adapter: Adapter, peft_type: str, base: Checkpoint | None
         raise LrsError(f"a {adapter.config.method} adapter cannot be expressed as {peft_type} "
                        f"(only {', '.join(writers)} adapters can); convert it --to peft-lora instead")
     _base_targets(adapter, base)
-    return adapter.method.export_native(adapter)
+    weights, config, json_config, warnings = adapter.method.export_native(adapter.weights)
+    return Adapter(config, weights), json_config, warnings
 
 
 def _write(adapter: Adapter, to: str, directory: Path, base: Checkpoint | None,

@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, AdapterConfig, pattern_key, save_adapter
+from .adapter import Adapter, save_adapter
 from .architecture import layout
+from .config import AdapterConfig, pattern_key
 from .checkpoint import Checkpoint, check_output
 from .errors import LrsError, warn
-from .initialize import load_weight
 from .methods import get_method
 from .progress import progress
-from .targets import Target, compact_names, select_targets
+from .targets import Target, compact_names, load_weight, select_targets
 
 
 @dataclass(frozen=True)

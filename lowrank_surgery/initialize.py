@@ -9,13 +9,14 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, AdapterConfig
+from .adapter import Adapter
+from .config import AdapterConfig
 from .checkpoint import Checkpoint
 from .errors import LrsError, warn
 from .methods import METHODS, get_method
 from .progress import progress
 from .svd import default_device
-from .targets import Target, compact_names, select_targets
+from .targets import Target, compact_names, load_weight, select_targets
 
 
 def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 8, alpha: float | None = None,
@@ -84,14 +85,3 @@ def _batches(ckpt: Checkpoint, targets: list[Target], with_weights: bool
         by_shard.setdefault(ckpt.info(t.source).shard, []).append(t)
     for batch in progress(by_shard.values(), "init", total=len(by_shard), unit="shard"):
         yield batch, [load_weight(ckpt, t) for t in batch]
-
-
-def load_weight(ckpt: Checkpoint, target: Target) -> torch.Tensor:
-    """A target's weight in nn.Linear layout (out × in), float32; NaN or Inf refused."""
-    return linear_float32(ckpt.get_finite(target.source), target)
-
-
-def linear_float32(stored: torch.Tensor, target: Target) -> torch.Tensor:
-    """A target's weight as stored, in nn.Linear layout (out × in), float32."""
-    w = stored.float()
-    return w.T.contiguous() if target.conv1d else w

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .adapter import Adapter
 from .checkpoint import Checkpoint
 from .errors import LrsError
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
 
 LORA_KEYS = ("lora_A.weight", "lora_B.weight")
 

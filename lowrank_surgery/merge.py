@@ -31,10 +31,9 @@ from .checkpoint import (
     plan_shards, shard_names, write_index,
 )
 from .errors import LrsError
-from .initialize import load_weight
 from .methods.base import Method, Params
 from .progress import progress
-from .targets import Target, find_targets, is_output_layer
+from .targets import Target, find_targets, is_output_layer, load_weight
 
 WORKERS = min(4, os.cpu_count() or 1)  # tensors produced concurrently (each with one torch thread on the CPU)
 DTYPE_CHOICES: dict[str, torch.dtype | None] = {

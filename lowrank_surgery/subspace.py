@@ -20,14 +20,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from .adapter import package_version
 from .checkpoint import (Checkpoint, atomic_output, check_finite, check_output, load_tensors, model_name,
                          read_json_object, resolve_model, save_tensors)
+from .config import package_version
 from .errors import LrsError
-from .initialize import linear_float32
 from .progress import progress
 from .svd import ALGORITHMS, GramAccumulator, common_basis, resolve_device
-from .targets import Target, kinds, select_targets
+from .targets import Target, kinds, linear_float32, select_targets
 
 FORMAT, VERSION = "lrs-subspace", 1
 BASES_NAME, INFO_NAME = "subspace.safetensors", "subspace.json"

@@ -1,4 +1,5 @@
-"""Target selection: which linear weights of a checkpoint an adapter touches, as PEFT would pick them.
+"""Target selection: which linear weights of a checkpoint an adapter touches, as PEFT would pick them, and a
+target's weight read in nn.Linear layout.
 
 The architecture (see `architecture`) says which tensors are linear weights when transformers can build
 the config's class; otherwise they are guessed from tensor names and shapes (a bare .safetensors file).
@@ -9,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from .architecture import Layout, Linear, layout
 from .checkpoint import Checkpoint
@@ -229,3 +232,14 @@ def module_paths(ckpt: Checkpoint) -> set[str]:
         parts = name.split(".")
         paths.update(".".join(parts[:k]) for k in range(1, len(parts)))
     return paths - renamed
+
+
+def load_weight(ckpt: Checkpoint, target: Target) -> torch.Tensor:
+    """A target's weight in nn.Linear layout (out × in), float32; NaN or Inf refused."""
+    return linear_float32(ckpt.get_finite(target.source), target)
+
+
+def linear_float32(stored: torch.Tensor, target: Target) -> torch.Tensor:
+    """A target's weight as stored, in nn.Linear layout (out × in), float32."""
+    w = stored.float()
+    return w.T.contiguous() if target.conv1d else w

@@ -15,8 +15,7 @@ import lowrank_surgery as ls
 from lowrank_surgery.convert import convert, lora_adapter, read_adapter
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.extract import extract_lora
-from lowrank_surgery.initialize import load_weight
-from lowrank_surgery.targets import linear_targets
+from lowrank_surgery.targets import linear_targets, load_weight
 
 from conftest import assert_one_line_error, edited_copy, fill, load_causal_lm, lrs_block
 from test_cora import subspace_for

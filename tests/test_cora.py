@@ -12,9 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lowrank_surgery as lrs
-from lowrank_surgery.initialize import load_weight
 from lowrank_surgery.subspace import extract_subspace, load_subspace
-from lowrank_surgery.targets import select_targets
+from lowrank_surgery.targets import load_weight, select_targets
 
 from conftest import build_model, load_causal_lm, lrs_block
 

@@ -222,7 +222,7 @@ def test_pattern_keys_match_one_module_in_peft():
     """A full path that another module's path ends with is escaped and anchored, so PEFT's first match is its own."""
     from peft.utils.other import get_pattern_key
 
-    from lowrank_surgery.adapter import pattern_key
+    from lowrank_surgery.config import pattern_key
 
     modules = ["model.layers.0.self_attn.q_proj", "vision.model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
     keys = {m: pattern_key(m, modules) for m in modules}

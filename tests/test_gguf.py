@@ -16,8 +16,7 @@ import torch
 
 import lowrank_surgery as ls
 from lowrank_surgery.convert import convert
-from lowrank_surgery.initialize import load_weight
-from lowrank_surgery.targets import linear_targets
+from lowrank_surgery.targets import linear_targets, load_weight
 
 from conftest import assert_one_line_error, moved_off_init
 

@@ -23,8 +23,7 @@ import lowrank_surgery as ls
 import lowrank_surgery.convert as convert_module
 from lowrank_surgery.convert import convert, lora_adapter, read_adapter
 from lowrank_surgery.errors import LrsError
-from lowrank_surgery.initialize import load_weight
-from lowrank_surgery.targets import linear_targets
+from lowrank_surgery.targets import linear_targets, load_weight
 
 from conftest import load_causal_lm
 

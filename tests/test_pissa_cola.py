@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 import lowrank_surgery as lrs
 from lowrank_surgery.errors import LrsError
-from lowrank_surgery.initialize import load_weight
 from lowrank_surgery.methods.pissa import pissa_factors
+from lowrank_surgery.targets import load_weight
 
 from conftest import assert_one_line_error, load_causal_lm
 

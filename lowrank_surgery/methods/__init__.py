@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..adapter import AdapterConfig
+from ..config import AdapterConfig
 from ..errors import LrsError
 from .base import Method
 from .cola import CoLA

@@ -8,18 +8,35 @@ low-rank pair: ΔW = s·B_eff·A_eff, given by `pair`; the rest override `delta`
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ..adapter import Adapter, AdapterConfig, split_key
+from ..config import AdapterConfig, split_key
 from ..errors import LrsError
 from ..targets import Target
 
-if TYPE_CHECKING:
-    from ..attach import AdapterLayer
 
 Params = Mapping[str, torch.Tensor]
+
+
+class Layer(Protocol):
+    """What a method's forward reads from the layer it runs in (attach.AdapterLayer)."""
+
+    path: str
+    training: bool
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight in nn.Linear layout (out × in)."""
+
+    @property
+    def bias(self) -> torch.Tensor | None: ...
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The method's tensors, by their on-disk names."""
+
+Weights = dict[str, dict[str, torch.Tensor]]  # per module path, the method's named tensors
 
 
 class Method:
@@ -137,7 +154,7 @@ class Method:
         return torch.addmm(w, b, a, alpha=sign * self.config.scale(path), out=out)
 
     # ------------------------------------------------------------------ training
-    def forward(self, layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         """The adapted layer's output; low-rank methods go through the fused low-rank kernel."""
         from .. import kernels
 
@@ -150,10 +167,10 @@ class Method:
         """adapter_config.json contents: the PEFT fields plus the `lrs` block."""
         raise NotImplementedError
 
-    def export_native(self, adapter: Adapter) -> tuple[Adapter, dict[str, Any], list[str]]:
-        """(adapter, adapter_config.json contents, warnings) as the reference code of this method's on-disk format
-        loads them (`lrs convert --to` that format). By default lrs's own files, which that code reads as they are."""
-        return adapter, self.to_json(), self.native_warnings()
+    def export_native(self, weights: Weights) -> tuple[Weights, AdapterConfig, dict[str, Any], list[str]]:
+        """(weights, config, adapter_config.json contents, warnings) as the reference code of this method's on-disk
+        format loads them (`lrs convert --to` that format). By default lrs's own files, which that code reads as is."""
+        return weights, self.config, self.to_json(), self.native_warnings()
 
     def native_warnings(self) -> list[str]:
         """What the reference code of lrs's own on-disk format for this method cannot load of this adapter, and the

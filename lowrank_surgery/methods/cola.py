@@ -50,19 +50,17 @@ import math
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..adapter import Adapter, AdapterConfig
+from ..config import AdapterConfig
 from ..errors import LrsError, warn
 from ..targets import Target
-from .base import Method, Params
+from .base import Layer, Method, Params, Weights
 from .lora import config_from_lora_json, lora_json
 from .pissa import A0, B0, DEFAULT_SVD, PissaInit, frozen_factors_of
 
-if TYPE_CHECKING:
-    from ..attach import AdapterLayer
 
 STRATEGIES = ("fully", "heuristic", "random")
 
@@ -165,7 +163,7 @@ class CoLA(PissaInit, Method):
         a0, b0 = frozen_factors_of(params)
         return torch.cat([b, -b0], 1), torch.cat([a, a0])
 
-    def forward(self, layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         params = layer.params()
         drawn = self.strategy == "random" and layer.training
         b, a = self.trained_pair(params, self.draw(layer.path) if drawn else self.coefficients())
@@ -176,11 +174,11 @@ class CoLA(PissaInit, Method):
         return {**lora_json(self.config, peft_type=self.peft_type), "num_A": self.num_a, "num_B": self.num_b}
 
     # ------------------------------------------------------------------ the original code's layout
-    def export_native(self, adapter: Adapter) -> tuple[Adapter, dict[str, Any], list[str]]:
+    def export_native(self, weights: Weights) -> tuple[Weights, AdapterConfig, dict[str, Any], list[str]]:
         """What the original code loads: `fully` parameters with equal copies, the same ΔW, only ColaConfig's fields."""
-        weights = {path: self.as_tied_fully(params, path) for path, params in adapter.weights.items()}
+        tied = {path: self.as_tied_fully(params, path) for path, params in weights.items()}
         config = replace(self.config, options={**self.config.options, "strategy": "fully"})
-        return Adapter(config, weights), self.original_json(weights), self.original_warnings()
+        return tied, config, self.original_json(tied), self.original_warnings()
 
     def as_tied_fully(self, params: Params, path: str) -> dict[str, torch.Tensor]:
         """`fully` parameters with equal copies (A_i = ΣA/M, B_j = Σ_j c_j·B_j / N) and this strategy's evaluation ΔW;

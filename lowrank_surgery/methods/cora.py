@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..adapter import AdapterConfig
+from ..config import AdapterConfig
 from ..errors import LrsError
 from ..targets import Target
 from .lora import LoRA, kaiming_a

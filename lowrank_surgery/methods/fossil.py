@@ -16,18 +16,16 @@ Bone-bat = bat with the same block convention) load as FOSSIL.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..adapter import AdapterConfig, split_key
+from ..config import AdapterConfig, split_key
 from ..errors import LrsError
 from ..targets import Target
-from .base import Method, Params
+from .base import Layer, Method, Params
 from .lora import _as_list, options_from_lrs, provenance_from_lrs
 
-if TYPE_CHECKING:
-    from ..attach import AdapterLayer
 
 VARIANTS = ("balance", "mini", "bat")
 BLOCK = "miss_block"
@@ -160,7 +158,7 @@ class Fossil(Method):
         return _blockwise(error, inverse.abs()).reshape(error.shape)
 
     # ------------------------------------------------------------------ training
-    def forward(self, layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         """The fold kernel (balance/mini, never builds ΔW) or the block-affine kernel (bat)."""
         from .. import kernels
 

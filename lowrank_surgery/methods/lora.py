@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..adapter import AdapterConfig
+from ..config import AdapterConfig
 from ..targets import Target
 from .base import Method, Params
 

@@ -13,18 +13,16 @@ On disk `peft_type: "PISSA"`, which stock PEFT refuses: read as a plain LoRA it 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..adapter import AdapterConfig
+from ..config import AdapterConfig
 from ..errors import LrsError
 from ..targets import Target
-from .base import Method, Params
+from .base import Layer, Method, Params
 from .lora import config_from_lora_json, lora_json
 
-if TYPE_CHECKING:
-    from ..attach import AdapterLayer
 
 A0, B0 = "pissa_A0.weight", "pissa_B0.weight"
 SVD_ALGORITHMS = ("exact", "randomized", "gram")  # gram: exact, through the float64 Gram matrix
@@ -93,7 +91,7 @@ class PissaInit:
         for path, (a0, b0) in zip(missing, self.frozen_factors(targets, mats, generator)):
             weights[path].update({A0: a0, B0: b0})
 
-    def residual_forward(self, layer: AdapterLayer, x: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+    def residual_forward(self, layer: Layer, x: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                          params: Params) -> torch.Tensor:
         """y = x·Wᵀ + bias + s·B·A·drop(x) − s·B0·A0·x: the trained pair (b, a) on the residual model."""
         from .. import kernels
@@ -147,7 +145,7 @@ class PiSSA(PissaInit, Method):
         a0, b0 = frozen_factors_of(params)
         return torch.cat([params["lora_B.weight"], -b0], 1), torch.cat([params["lora_A.weight"], a0])
 
-    def forward(self, layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         params = layer.params()
         return self.residual_forward(layer, x, params["lora_B.weight"], params["lora_A.weight"], params)
 
