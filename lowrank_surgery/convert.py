@@ -57,7 +57,6 @@ KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha"
 MLX_WEIGHTS = "adapters.safetensors"
 MLX_SUFFIXES = {".lora_a": "lora_a", ".lora_b": "lora_b"}
 MLX_FIELDS = {"scale": NUMBER, "rank": POSITIVE_INT, "dropout": CONFIG_FIELDS["lora_dropout"]}
-EXACT_TOL = 1e-4  # relative error above which an "exact" pair is reported as not reproducing delta()
 
 Pairs = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (B, A, s) with ΔW = s·B·A
 
@@ -277,12 +276,12 @@ def to_lora(adapter: Adapter, base: Checkpoint | None = None, rank: int | None =
     pairs: Pairs = {}
     rows = []
     for path, pair in found.items():
-        params, weight = adapter.weights[path], _weight(base, targets.get(path))
+        s, err = method.scale(path), 0.0
         if pair is not None:
-            s, err = _fit_scale(method, params, path, *pair, weight)
             pairs[path] = (*pair, s)
         if path in lossy:
-            delta = method.delta(params, weight, path).float() if pair is None else s * (pair[0].float() @ pair[1].float())
+            delta = _weight_delta(adapter, path, base, targets[path]) if pair is None \
+                else s * (pair[0].float() @ pair[1].float())
             b, a, err = _truncate(delta, min(rank or adapter.config.rank(path), *delta.shape))
             pairs[path] = (b, a, 1.0)
         rows.append({"module": path, "rank": pairs[path][0].shape[1], "error": err, "exact": path not in lossy})
@@ -327,25 +326,9 @@ def _check_lossy(adapter: Adapter, found: dict, lossy: list[str], base: Checkpoi
                        f"({why}, e.g. {lossy[0]}); pass --allow-lossy to accept a truncated SVD")
 
 
-def _weight(base: Checkpoint | None, target: Target | None) -> torch.Tensor | None:
-    return None if base is None or target is None else load_weight(base, target)
-
-
-def _fit_scale(method, params, path: str, b: torch.Tensor, a: torch.Tensor,
-               weight: torch.Tensor | None) -> tuple[float, float]:
-    """s with delta() = s·B·A (the config's α/r when it fits) and the relative error left."""
-    delta = method.delta(params, weight if weight is not None else torch.zeros(b.shape[0], a.shape[1]), path).float()
-    product = b.float() @ a.float()
-    norm = float(product.square().sum())
-    s = method.config.scale(path)
-    if norm > 0:
-        fitted = float((delta * product).sum()) / norm
-        s = s if math.isclose(s, fitted, rel_tol=1e-5) else fitted
-    err = _relative(delta, s * product)
-    if err > EXACT_TOL:
-        raise LrsError(f"{method.name} module {path}: its low-rank pair does not reproduce its ΔW "
-                       f"(relative error {err:.2e}); this is a bug in the method")
-    return s, err
+def _weight_delta(adapter: Adapter, path: str, base: Checkpoint, target: Target) -> torch.Tensor:
+    """ΔW of a module whose ΔW depends on the base weight W (FOSSIL bat)."""
+    return adapter.method.delta(adapter.weights[path], path, target.shape, load_weight(base, target)).float()
 
 
 def _relative(reference: torch.Tensor, approx: torch.Tensor) -> float:

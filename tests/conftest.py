@@ -177,3 +177,10 @@ def moved_off_init(adapter, scale: float = 0.05, seed: int = 1):
             if name not in frozen:
                 params[name] = t + scale * torch.randn(t.shape, generator=gen)
     return adapter
+
+
+def shape_of(params) -> tuple[int, int]:
+    """(out, in) of a module from its LoRA-type factors (B out × r, A r × in): what Method.delta takes as shape."""
+    b = next(t for n, t in sorted(params.items()) if "_B" in n)
+    a = next(t for n, t in sorted(params.items()) if "_A" in n)
+    return b.shape[0], a.shape[1]

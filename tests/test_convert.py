@@ -45,7 +45,8 @@ def _deltas(adapter: ls.Adapter, base) -> dict[str, torch.Tensor]:
     ckpt = ls.Checkpoint(base)
     targets = {t.path: t for t in linear_targets(ckpt)}
     method = adapter.method
-    return {p: method.delta(params, load_weight(ckpt, targets[p]), p).float() for p, params in adapter.weights.items()}
+    return {p: method.delta(params, p, targets[p].shape, load_weight(ckpt, targets[p])).float()
+            for p, params in adapter.weights.items()}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -60,7 +60,7 @@ def test_fossil_matches_peft_miss(llama, tmp_path, variant):
     method = adapter.method
     for path, params in adapter.weights.items():
         w = base_w[path]
-        torch.testing.assert_close(merged[path], w + method.delta(params, w, path), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged[path], w + method.delta(params, path, tuple(w.shape), w), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(method.merge(w, params, path).float(), merged[path], rtol=1e-5, atol=1e-5)
 
 
@@ -72,10 +72,10 @@ def test_fold_pair_is_exact_and_alpha_free(llama, variant):
         params = adapter.weights[t.path]
         b, a = method.pair(params, shape=t.shape)
         assert b.shape == (t.out_features, VARIANTS[variant][0]) and set(a.unique().tolist()) == {0.0, 1.0}
-        torch.testing.assert_close(b @ a, method.delta(params, None, t.path, shape=t.shape))  # s = 1, alpha is 3
+        torch.testing.assert_close(b @ a, method.delta(params, t.path, t.shape))  # s = 1, alpha is 3
     d = torch.randn(3, 6)
     mini = lrs.get_method(lrs.AdapterConfig("fossil", 3, 9.0, [], options={"variant": "mini", "mini_r": 6}))
-    full = mini.delta({"miss_block": d}, None, "x", shape=(12, 7))
+    full = mini.delta({"miss_block": d}, "x", (12, 7))
     assert full.shape == (12, 7)
     assert all(full[o, i] == d[i % 3, o % 6] for o in range(12) for i in range(7))
 

@@ -121,7 +121,7 @@ def _check(adapter: ls.Adapter, base: Path, path: Path, family: str) -> None:
     ckpt = ls.Checkpoint(base)
     for name, module in expected.items():
         weight = load_weight(ckpt, targets[module])
-        want = adapter.method.delta(adapter.weights[module], weight, module)
+        want = adapter.method.delta(adapter.weights[module], module, tuple(weight.shape), weight)
         assert tensors[f"{name}.lora_a"].shape[1] == targets[module].in_features
         assert tensors[f"{name}.lora_b"].shape[0] == targets[module].out_features
         torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6, msg=module)

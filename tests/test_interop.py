@@ -25,7 +25,7 @@ from lowrank_surgery.convert import convert, lora_adapter, read_adapter
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.targets import linear_targets, load_weight
 
-from conftest import load_causal_lm
+from conftest import load_causal_lm, shape_of
 
 R, ALPHA = 4, 8.0
 COLA_TARGETS = "q_proj,v_proj,down_proj"
@@ -219,7 +219,7 @@ def test_convert_to_cola_is_what_the_original_code_loads(llama, tmp_path, strate
     back = ls.load_adapter(tmp_path / "out")
     assert back.method.strategy == "fully" and "| strategy | fully |" in (tmp_path / "out" / "README.md").read_text()
     for path, params in adapter.weights.items():
-        assert _rel(back.method.delta(back.weights[path], None, path), method.delta(params, None, path)) < 1e-5
+        assert _rel(back.method.delta(back.weights[path], path, shape_of(params)), method.delta(params, path, shape_of(params))) < 1e-5
 
 
 def test_cola_original_config_keeps_every_module_scale(llama):
@@ -294,7 +294,7 @@ def test_bone_balance_adapter_is_the_tiled_block(llama, tmp_path, init_weights):
     for path, d in blocks.items():
         out, inp = targets[path].shape
         expected = torch.stack([d[torch.arange(inp) % r, o] for o in range(out)])
-        torch.testing.assert_close(adapter.method.delta(adapter.weights[path], None, path, shape=(out, inp)), expected)
+        torch.testing.assert_close(adapter.method.delta(adapter.weights[path], path, (out, inp)), expected)
 
 
 # ------------------------------------------------------------------------------------------------ kohya
@@ -327,7 +327,7 @@ def test_kohya_file_as_sd_scripts_saves_it(llama, tmp_path, alpha):
     adapter, fmt, warnings = read_adapter(tmp_path / "kohya.safetensors", ls.Checkpoint(llama))
     assert fmt == "kohya" and set(adapter.weights) == set(targets) and bool(warnings) == (alpha is None)
     for path, delta in expected.items():
-        assert _rel(adapter.method.delta(adapter.weights[path], None, path), delta) < 1e-6
+        assert _rel(adapter.method.delta(adapter.weights[path], path, tuple(delta.shape)), delta) < 1e-6
 
 
 def test_kohya_export_prefix_is_documented_and_round_trips(llama, tmp_path):
@@ -372,7 +372,7 @@ def test_mlx_lm_adapter_imports_with_scale_as_is(llama, tmp_path):
     x = torch.randn(3, 64, generator=gen)
     for path, params in adapter.weights.items():
         mlx_out = scale * (x @ tensors[f"{path}.lora_a"]) @ tensors[f"{path}.lora_b"]
-        torch.testing.assert_close(x @ adapter.method.delta(params, None, path).T, mlx_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x @ adapter.method.delta(params, path, shape_of(params)).T, mlx_out, rtol=1e-5, atol=1e-5)
 
 
 def test_mlx_export_is_what_mlx_lm_wraps_and_loads(llama, tmp_path):

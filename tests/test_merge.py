@@ -83,7 +83,7 @@ def test_merge_formula_logits_and_roundtrip(llama, tmp_path, method, case):
     for name, w in base.items():
         path = name.removesuffix(".weight")
         if path in adapter.weights:
-            expected = w + impl.delta(adapter.weights[path], w, path)
+            expected = w + impl.delta(adapter.weights[path], path, tuple(w.shape), w)
             torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)
             assert (merged[name] - w).abs().max() > 1e-3
         else:
@@ -282,7 +282,7 @@ def test_bf16_unmerge_is_correctly_rounded_and_bounded(tmp_path):
         if path not in adapter.weights:
             assert torch.equal(back[name], w)
             continue
-        delta = impl.delta(adapter.weights[path], w.float(), path).double()
+        delta = impl.delta(adapter.weights[path], path, tuple(w.shape), w.float()).double()
         exact = merged[name].double() - delta
         ulp = torch.ldexp(torch.full_like(exact, 2.0**-7), torch.frexp(exact)[1] - 1)
         assert ((back[name].double() - exact.to(torch.bfloat16).double()).abs() <= ulp).all(), name

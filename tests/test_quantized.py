@@ -83,7 +83,7 @@ def test_fp8_merge_dequantizes_into_a_plain_checkpoint(fp8_llama, llama, tmp_pat
             continue
         w = _dequantized(stored[name], stored[f"{name}_scale_inv"])
         path = name.removesuffix(".weight")
-        expected = w + impl.delta(adapter.weights[path], w, path) if path in adapter.weights else w
+        expected = w + impl.delta(adapter.weights[path], path, tuple(w.shape), w) if path in adapter.weights else w
         torch.testing.assert_close(t.float(), expected, rtol=2**-8, atol=1e-6, msg=name)  # one bf16 rounding
         checked += 1
     assert checked == 14

@@ -112,21 +112,26 @@ class Method:
         """
 
     # ------------------------------------------------------------------ maths
-    def pair(self, params: Params, training: bool = False,
-             shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(B_eff, A_eff) with ΔW = s·B_eff·A_eff, or None when ΔW is not low-rank.
+    def scale(self, path: str) -> float:
+        """s in ΔW = s·B·A for the module at `path`: α/r (rsLoRA, patterns) unless the method has its own."""
+        return self.config.scale(path)
+
+    def pair(self, params: Params, shape: tuple[int, int] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B_eff, A_eff) with ΔW = scale·B_eff·A_eff, or None when ΔW is not low-rank.
 
         `shape` is the module's (out, in): methods whose parameters do not carry it (FOSSIL's fold) need it.
         """
         return None
 
-    def delta(self, params: Params, weight: torch.Tensor | None, path: str) -> torch.Tensor:
-        """ΔW in nn.Linear layout (out × in), float32."""
-        pair = self.pair(params, shape=None if weight is None else tuple(weight.shape))
+    def delta(self, params: Params, path: str, shape: tuple[int, int], weight: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """ΔW in nn.Linear layout (out × in = `shape`), float32; `weight` W for methods whose ΔW depends on it."""
+        pair = self.pair(params, shape)
         if pair is None:
             raise NotImplementedError(f"{self.name} must override delta()")
         b, a = (t.float() for t in pair)
-        return (b @ a) * self.config.scale(path)
+        return (b @ a) * self.scale(path)
 
     def merge(self, weight: torch.Tensor, params: Params, path: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """W' = W + ΔW, in float32 (or float64 where a method needs it).
@@ -146,21 +151,22 @@ class Method:
         return error
 
     def _shift(self, w: torch.Tensor, params: Params, path: str, sign: float, out: torch.Tensor | None) -> torch.Tensor:
-        """w ± ΔW; when ΔW is the pair's s·B·A (delta not overridden), one fused addmm with no ΔW temporary."""
-        pair = self.pair(params, shape=tuple(w.shape)) if type(self).delta is Method.delta else None
+        """w ± ΔW: for a low-rank ΔW = s·B·A one fused addmm with no ΔW temporary, else through `delta`."""
+        shape = tuple(w.shape)
+        pair = self.pair(params, shape)
         if pair is None:
-            return torch.add(w, self.delta(params, w if sign > 0 else None, path), alpha=sign, out=out)
+            return torch.add(w, self.delta(params, path, shape, w if sign > 0 else None), alpha=sign, out=out)
         b, a = (t.to(w.dtype) for t in pair)
-        return torch.addmm(w, b, a, alpha=sign * self.config.scale(path), out=out)
+        return torch.addmm(w, b, a, alpha=sign * self.scale(path), out=out)
 
     # ------------------------------------------------------------------ training
     def forward(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         """The adapted layer's output; low-rank methods go through the fused low-rank kernel."""
         from .. import kernels
 
-        b, a = self.pair(layer.params(), training=layer.training, shape=tuple(layer.weight.shape))
+        b, a = self.pair(layer.params(), tuple(layer.weight.shape))
         dropout = self.config.dropout if layer.training else 0.0
-        return kernels.lowrank_linear(x, layer.weight, layer.bias, a, b, self.config.scale(layer.path), dropout)
+        return kernels.lowrank_linear(x, layer.weight, layer.bias, a, b, self.scale(layer.path), dropout)
 
     # ------------------------------------------------------------------ files
     def to_json(self) -> dict[str, Any]:

@@ -155,8 +155,7 @@ class CoLA(PissaInit, Method):
         sums = torch.einsum("ij,jor->ior", c, b)  # M × out × r
         return torch.cat(list(sums), 1), a.reshape(-1, a.shape[-1])
 
-    def pair(self, params: Params, training: bool = False,
-             shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, params: Params, shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The stacked effective pair, rank ≤ (M+1)·r, with −B0·A0; `random` gives its expectation
         (the per-layer training draws happen in `forward`, which knows the layer)."""
         b, a = self.trained_pair(params, self.coefficients())

@@ -88,8 +88,12 @@ class Fossil(Method):
     def low_rank(self) -> bool:
         return self.variant != "bat"
 
-    def pair(self, params: Params, training: bool = False,
-             shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def scale(self, path: str) -> float:
+        """1: FOSSIL's ΔW is its block itself, whatever α says (PEFT's MiSS has no α)."""
+        return 1.0
+
+    def pair(self, params: Params, shape: tuple[int, int] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(tiled Dᵀ, fold matrix) for balance/mini; needs the module shape (out, in). None for bat."""
         if self.variant == "bat":
             return None
@@ -105,36 +109,28 @@ class Fossil(Method):
         """D as r × out: mini repeats its mini_r columns along the output."""
         return block.repeat(1, out // self.mini_r) if self.variant == "mini" else block
 
-    def delta(self, params: Params, weight: torch.Tensor | None, path: str,
-              shape: tuple[int, int] | None = None) -> torch.Tensor:
-        """ΔW (out × in, float32); bat needs W, balance/mini only its shape. No scaling (s = 1)."""
-        block = params[BLOCK].float()
-        if self.variant == "bat":
-            if weight is None:
-                raise LrsError(f"FOSSIL bat's ΔW at {path} depends on the base weight W, which was not given")
-            return _bat_delta(weight.float(), block)
-        out, inp = tuple(weight.shape) if weight is not None else shape
-        tiled = self._tiled(block, out)  # r × out
-        reps = -(-inp // tiled.shape[0])
-        return tiled.T.repeat(1, reps)[:, :inp]
-
-    def _fold_shift(self, w: torch.Tensor, params: Params, sign: float, out: torch.Tensor | None) -> torch.Tensor:
-        """w ± ΔW as one addmm with the fold pair, no ΔW temporary. Exact: each column of the 0/1 fold matrix
-        holds a single 1, so every entry adds one D value to w, rounded once, as w ± ΔW does."""
-        b, a = self.pair(params, shape=tuple(w.shape))
-        return torch.addmm(w, b.to(w.dtype), a.to(w.dtype), alpha=sign, out=out)
+    def delta(self, params: Params, path: str, shape: tuple[int, int], weight: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """ΔW (out × in, float32). balance/mini: the fold pair's product, exact (each column of the 0/1 fold matrix
+        holds a single 1, so every entry is one D value); bat: W_{b,c}·D_b + D_b, which needs W."""
+        if self.variant != "bat":
+            return super().delta(params, path, shape)
+        if weight is None:
+            raise LrsError(f"FOSSIL bat's ΔW at {path} depends on the base weight W, which was not given")
+        return _bat_delta(weight.float(), params[BLOCK].float())
 
     def merge(self, weight: torch.Tensor, params: Params, path: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """balance/mini: W + ΔW; bat: W_{b,c}(I + D_b) + D_b in float64 (returned as such, `out` unused)."""
+        """balance/mini: W + ΔW through the fold pair; bat: W_{b,c}(I + D_b) + D_b in float64 (returned as such,
+        `out` unused)."""
         if self.variant != "bat":
-            return self._fold_shift(weight.float(), params, 1.0, out)
+            return super().merge(weight, params, path, out)
         w = weight.double()
         return w + _bat_delta(w, params[BLOCK].double())
 
     def unmerge(self, merged: torch.Tensor, params: Params, path: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """balance/mini: W' − ΔW; bat: the exact inverse W_{b,c} = (W'_{b,c} − D_b)(I + D_b)⁻¹ in float64."""
         if self.variant != "bat":
-            return self._fold_shift(merged.float(), params, -1.0, out)
+            return super().unmerge(merged, params, path, out)
         block = params[BLOCK].double()
         eye = torch.eye(block.shape[-1], dtype=torch.float64, device=block.device)
         affine = eye + block

@@ -30,8 +30,7 @@ class LoRA(Method):
         return [{"lora_A.weight": kaiming_a(self.config.rank(t.path), t.in_features, generator),
                  "lora_B.weight": torch.zeros(t.out_features, self.config.rank(t.path))} for t in targets]
 
-    def pair(self, params: Params, training: bool = False,
-             shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, params: Params, shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return params["lora_B.weight"], params["lora_A.weight"]
 
     def to_json(self) -> dict[str, Any]:

@@ -139,8 +139,7 @@ class PiSSA(PissaInit, Method):
         return [{"lora_A.weight": a0.clone(), "lora_B.weight": b0.clone(), A0: a0, B0: b0}
                 for a0, b0 in self.frozen_factors(targets, weights, generator)]
 
-    def pair(self, params: Params, training: bool = False,
-             shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, params: Params, shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """([B | −B0], [A; A0]): rank 2r."""
         a0, b0 = frozen_factors_of(params)
         return torch.cat([params["lora_B.weight"], -b0], 1), torch.cat([params["lora_A.weight"], a0])
