@@ -25,13 +25,7 @@ if TYPE_CHECKING:
 TAG = "lowrank-surgery"
 HOMEPAGE = "https://github.com/lowrank-surgery/lowrank-surgery"
 BEGIN, END = "<!-- lrs:begin -->", "<!-- lrs:end -->"
-PAPERS = {
-    "lora": ("LoRA", "https://arxiv.org/abs/2106.09685"),
-    "cora": ("CoRA", "https://arxiv.org/abs/2409.02119"),
-    "pissa": ("PiSSA", "https://arxiv.org/abs/2404.02948"),
-    "cola": ("CoLA", "https://arxiv.org/abs/2505.15471"),
-    "fossil": ("FOSSIL", "https://arxiv.org/abs/2409.15371"),
-}
+CORA_PAPER = ("CoRA", "https://arxiv.org/abs/2409.02119")  # the subspaces' card links it too
 # PEFT's tuner prefix per peft_type: an adapter loads in stock PEFT when all its tensors carry it.
 PEFT_PREFIXES = {"LORA": "lora_", "MISS": "miss_"}
 # peft_types whose PEFT layers also wrap transformers' Conv1D (GPT-2): MiSS takes nn.Linear only.
@@ -179,9 +173,9 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _method_line(method: str) -> str:
-    name, url = PAPERS.get(method, (method, None))
-    return f"[{name}]({url})" if url else f"`{name}`"
+def _method_line(name: str, paper: tuple[str, str] | None) -> str:
+    """The method's name, linked to its paper (the method's `paper`)."""
+    return f"[{paper[0]}]({paper[1]})" if paper else f"`{name}`"
 
 
 def _code(language: str, lines: Sequence[str]) -> str:
@@ -209,7 +203,7 @@ def adapter_section(adapter: Adapter, repo_id: str | None = None, metrics: dict 
             *sorted(c.options.items()), ("rank pattern", c.rank_pattern or None),
             ("alpha pattern", c.alpha_pattern or None), *sorted(c.provenance.items())]
     text = (f"# {c.method} adapter for {base}\n\n"
-            f"A {_method_line(c.method)} adapter made with [lowrank-surgery]({HOMEPAGE}) (`lrs`).\n\n"
+            f"A {_method_line(c.method, adapter.method.paper)} adapter made with [lowrank-surgery]({HOMEPAGE}) (`lrs`).\n\n"
             f"## Method and hyperparameters\n\n{_table(rows)}\n")
     if metrics:
         rows = [("steps", metrics.get("steps")), ("final training loss", metrics.get("loss")),
@@ -328,7 +322,7 @@ def subspace_section(info: dict, repo_id: str | None = None) -> str:
              f"path = snapshot_download({json.dumps(repo_id)})"] if repo_id else ["", 'path = "path/to/subspace"']
     base = json.dumps(models[0] if models else "path/to/base-model")
     return (f"# CoRA common subspace{' of ' + ', '.join(models) if models else ''}\n\n"
-            f"Orthonormal bases (`<name>.basis`, out × r) and singular values for {_method_line('cora')} "
+            f"Orthonormal bases (`<name>.basis`, out × r) and singular values for {_method_line('cora', CORA_PAPER)} "
             f"adapters, computed by `lrs extract-subspace` ([lowrank-surgery]({HOMEPAGE})).\n\n"
             f"{_table(rows)}\n## Usage\n\n"
             + _code("python", ["import lowrank_surgery as lrs", *fetch,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import LrsError
@@ -28,9 +28,40 @@ def package_version() -> str:
         return "0+unknown"
 
 
+@dataclass(frozen=True)
+class Options(Mapping[str, Any]):
+    """A method's own settings. Each method declares its fields (with defaults) in a subclass and checks them in
+    `__post_init__`, the one place they are validated; LoRA has none. Read as attributes (options.strategy), and as
+    a read-only mapping of the same names, which is how the `lrs` block stores them."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def build(cls, given: Mapping[str, Any], method: str) -> Options:
+        """From user- or file-given values (None: the default); a name the method does not take is refused."""
+        unknown = sorted(set(given) - set(cls.names()))
+        if unknown:
+            raise LrsError(f"--{unknown[0].replace('_', '-')} does not apply to --method {method}")
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+
 @dataclass
 class AdapterConfig:
-    """Everything about an adapter but its tensors. `options` holds the method's own settings."""
+    """Everything about an adapter but its tensors. `options` holds the method's own settings (its Options, or a
+    mapping the method turns into them when it is bound); `provenance` where it came from and what made it."""
 
     method: str
     r: int
@@ -39,7 +70,7 @@ class AdapterConfig:
     dropout: float = 0.0
     rslora: bool = False
     fan_in_fan_out: bool | None = False  # W stored transposed (Conv1D); None: the adapter does not say
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     base_model: str | None = None
@@ -56,7 +87,7 @@ class AdapterConfig:
 
     def lrs_block(self) -> dict[str, Any]:
         """The `lrs` block (see BLOCK_KEY): method, its options and where the adapter came from."""
-        return {"method": self.method, "r": self.r, "alpha": self.alpha, **self.options,
+        return {"method": self.method, "r": self.r, "alpha": self.alpha, **dict(self.options),
                 **self.provenance, "version": package_version()}
 
 

@@ -349,11 +349,11 @@ def _truncate(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 def _converted_fields(adapter: Adapter, rows: list[dict[str, Any]]) -> dict[str, Any]:
     c = adapter.config
     lossy = {row["module"]: row["error"] for row in rows if not row["exact"]}
-    options: dict[str, Any] = {"converted_from": {"method": c.method, **c.options}}
+    provenance = {**c.provenance, "converted_from": {"method": c.method, **dict(c.options)}}
     if lossy:
-        options["conversion_error"] = lossy
+        provenance["conversion_error"] = lossy
     return {"dropout": c.dropout, "fan_in_fan_out": c.fan_in_fan_out, "base_model": c.base_model,
-            "options": options, "provenance": dict(c.provenance)}
+            "provenance": provenance}
 
 
 # ------------------------------------------------------------------------------------------ writing

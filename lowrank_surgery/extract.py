@@ -153,10 +153,10 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
     config.modules_to_save = sorted(kept)
     _set_ranks(config, {row["module"]: row["rank"] for row in rows}, [t.path for t in chosen])
     split = SPLITS[distribute_scale]
-    config.options = {"extracted_from": ft.source.id, "algorithm": algorithm, "split": split,
-                      "rank_rule": asdict(rule), "energy": {row["module"]: row["energy"] for row in rows}}
     config.provenance = {"base": bs.source.id, "base_revision": bs.source.revision, "base_hash": bs.fingerprint(),
-                         "created_by": "extract-lora"}
+                         "created_by": "extract-lora", "extracted_from": ft.source.id, "algorithm": algorithm,
+                         "split": split, "rank_rule": asdict(rule),
+                         "energy": {row["module"]: row["energy"] for row in rows}}
     saved = {name: ft.get_finite(name) for name in ft.tensors if name.rpartition(".")[0] in kept}
     for group in _tied_groups(bs, saved):
         warn(f"{group[0]} is tied to {', '.join(group[1:])} in this architecture: PEFT keeps its modules_to_save copy "

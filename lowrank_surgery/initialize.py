@@ -37,17 +37,14 @@ def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 
         raise LrsError(f"--alpha must be a finite nonzero number, got {alpha}")
     check_seed(seed)
     cls = METHODS[method]
-    unknown = sorted(set(options or {}) - set(cls.defaults))
-    if unknown:
-        raise LrsError(f"--{unknown[0].replace('_', '-')} does not apply to --method {method}")
-    options = {**cls.defaults, **(options or {})}
+    typed = cls.Options.build(options or {}, method)
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle)
-    spec = targets if targets is not None else cls.default_targets(options)
+    spec = targets if targets is not None else cls.default_targets(typed)
     chosen = select_targets(ckpt, spec)
     config = AdapterConfig(
         method=method, r=r, alpha=float(alpha if alpha is not None else r),
         target_modules=compact_names(chosen, ckpt), dropout=dropout, rslora=rslora,
-        fan_in_fan_out=any(t.conv1d for t in chosen), options=options, base_model=ckpt.source.id,
+        fan_in_fan_out=any(t.conv1d for t in chosen), options=typed, base_model=ckpt.source.id,
         provenance={"base": ckpt.source.id, "base_revision": ckpt.source.revision,
                     "base_hash": ckpt.fingerprint(), "seed": seed},
     )

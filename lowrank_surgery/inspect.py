@@ -81,7 +81,7 @@ def inspect_adapter(path: Path, cola_strategy: str | None = None) -> dict[str, A
         "alpha": c.alpha,
         "scale": c.scale(adapter.modules[0]),
         "dropout": c.dropout,
-        "options": c.options,
+        "options": dict(c.options),
         "base_model": c.base_model,
         "target_modules": c.target_modules,
         "modules_to_save": c.modules_to_save,

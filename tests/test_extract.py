@@ -152,8 +152,8 @@ def test_distribute_scale_balances_the_factors_with_the_same_product(llama, plan
     ls.extract_lora(ft, llama, tmp_path / "plain", energy=0.99)
     ls.extract_lora(ft, llama, tmp_path / "balanced", energy=0.99, distribute_scale=True)
     plain, balanced = ls.load_adapter(tmp_path / "plain"), ls.load_adapter(tmp_path / "balanced")
-    assert plain.config.options["split"] == "B=U*S, A=Vh"
-    assert balanced.config.options["split"] == "B=U*sqrt(S), A=sqrt(S)*Vh"
+    assert plain.config.provenance["split"] == "B=U*S, A=Vh"
+    assert balanced.config.provenance["split"] == "B=U*sqrt(S), A=sqrt(S)*Vh"
     assert plain.config.rank_pattern == balanced.config.rank_pattern != {}
     for m, params in balanced.weights.items():
         a, b = params["lora_A.weight"], params["lora_B.weight"]

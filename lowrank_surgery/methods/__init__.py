@@ -37,8 +37,7 @@ def method_from_json(data: dict[str, Any], cola_strategy: str | None = None) -> 
         raise LrsError(f"adapter declares lrs method {declared!r}, which peft_type {peft_type} does not support "
                        f"(it can be: {', '.join(c.name for c in candidates)})")
     cls = next((c for c in candidates if c.name == declared), candidates[0])
-    if cls is CoLA:
-        return cls(CoLA.config_from_json(data, cola_strategy))
-    if cola_strategy is not None:
+    stated = {} if cola_strategy is None else {"strategy": cola_strategy}
+    if not set(stated) <= set(cls.Options.names()):
         raise LrsError(f"--cola-strategy applies to CoLA adapters, but this one is {cls.name}")
-    return cls(cls.config_from_json(data))
+    return cls(cls.config_from_json(data, stated))

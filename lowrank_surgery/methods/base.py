@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ..config import AdapterConfig, split_key
+from ..config import AdapterConfig, Options, split_key
 from ..errors import LrsError
 from ..targets import Target
 
@@ -45,10 +45,13 @@ class Method:
     name: ClassVar[str]
     peft_type: ClassVar[str]
     needs_base_weight: ClassVar[bool] = False  # init (or ΔW) reads the base weight W
-    defaults: ClassVar[dict[str, Any]] = {}  # the method's own options (AdapterConfig.options) and their defaults
+    Options: ClassVar[type[Options]] = Options  # the method's own settings (AdapterConfig.options), typed
+    paper: ClassVar[tuple[str, str] | None] = None  # (name, link) for model cards
     completable: ClassVar[frozenset[str]] = frozenset()  # parameters an imported adapter may lack: see `complete`
 
     def __init__(self, config: AdapterConfig):
+        if not isinstance(config.options, self.Options):  # given as a mapping (init, files): typed and checked here
+            config.options = self.Options.build(config.options, self.name)
         self.config = config
 
     @classmethod
@@ -57,13 +60,14 @@ class Method:
         return (cls.peft_type,)
 
     @classmethod
-    def default_targets(cls, options: dict[str, Any]) -> str:
+    def default_targets(cls, options: Options) -> str:
         """--targets when the user gives none."""
         return "all-linear"
 
     @classmethod
-    def config_from_json(cls, data: dict[str, Any]) -> AdapterConfig:
-        """An AdapterConfig from adapter_config.json contents."""
+    def config_from_json(cls, data: dict[str, Any], declared: Mapping[str, Any]) -> AdapterConfig:
+        """An AdapterConfig from adapter_config.json contents; `declared`: options the user states because the
+        file cannot (only names of this method's Options)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ parameters

@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -59,29 +59,39 @@ from ..errors import LrsError, warn
 from ..targets import Target
 from .base import Layer, Method, Params, Weights
 from .lora import config_from_lora_json, lora_json
-from .pissa import A0, B0, DEFAULT_SVD, PissaInit, frozen_factors_of
+from .pissa import A0, B0, PissaInit, SvdOptions, frozen_factors_of
 
 
 STRATEGIES = ("fully", "heuristic", "random")
 
 
-class CoLA(PissaInit, Method):
-    name = "cola"
-    peft_type = "COLA"
-    needs_base_weight = True
-    defaults = {"num_a": 2, "num_b": 3, "strategy": "fully", "init_svd": DEFAULT_SVD, "niter": None}
+@dataclass(frozen=True)
+class CoLAOptions(SvdOptions):
+    num_a: int = 2  # M, the A copies
+    num_b: int = 3  # N, the B copies
+    strategy: str = "fully"  # how A's and B's pair in a forward: fully, heuristic or random
 
-    def __init__(self, config: AdapterConfig):
-        super().__init__(config)
-        self.check_svd_options()
-        self.num_a, self.num_b = int(config.options.get("num_a", 2)), int(config.options.get("num_b", 3))
-        self.strategy = config.options.get("strategy", "fully")
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise LrsError(f"unknown CoLA strategy {self.strategy!r} (known: {', '.join(STRATEGIES)})")
         if self.num_a < 1 or self.num_b < 1:
             raise LrsError(f"CoLA needs --num-a and --num-b >= 1, got {self.num_a} and {self.num_b}")
         if self.strategy == "heuristic" and self.num_a > self.num_b:
             raise LrsError(f"CoLA heuristic needs --num-a <= --num-b, got {self.num_a} A's and {self.num_b} B's")
+
+
+class CoLA(PissaInit, Method):
+    name = "cola"
+    peft_type = "COLA"
+    needs_base_weight = True
+    Options = CoLAOptions
+    paper = ("CoLA", "https://arxiv.org/abs/2505.15471")
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        options = self.config.options
+        self.num_a, self.num_b, self.strategy = options.num_a, options.num_b, options.strategy
         self._generators: dict[str, torch.Generator] = {}
 
     # ------------------------------------------------------------------ parameters
@@ -176,7 +186,7 @@ class CoLA(PissaInit, Method):
     def export_native(self, weights: Weights) -> tuple[Weights, AdapterConfig, dict[str, Any], list[str]]:
         """What the original code loads: `fully` parameters with equal copies, the same ΔW, only ColaConfig's fields."""
         tied = {path: self.as_tied_fully(params, path) for path, params in weights.items()}
-        config = replace(self.config, options={**self.config.options, "strategy": "fully"})
+        config = replace(self.config, options=replace(self.config.options, strategy="fully"))
         return tied, config, self.original_json(tied), self.original_warnings()
 
     def as_tied_fully(self, params: Params, path: str) -> dict[str, torch.Tensor]:
@@ -213,7 +223,7 @@ class CoLA(PissaInit, Method):
         if self.strategy != "fully":
             warnings.append(f"CoLA strategy {self.strategy} written as fully (the original code's only strategy) "
                             f"with the same evaluation ΔW")
-        algorithm = self.config.options.get("init_svd", DEFAULT_SVD)
+        algorithm = self.config.options.init_svd
         if algorithm == "randomized":
             warnings.append(f"the original CoLA code recomputes the residual W − s·B0·A0 by exact SVD, but this "
                             f"adapter's frozen factors come from a {algorithm} SVD: its outputs there differ by that "
@@ -224,16 +234,17 @@ class CoLA(PissaInit, Method):
         return warnings
 
     @classmethod
-    def config_from_json(cls, data: dict[str, Any], strategy: str | None = None) -> AdapterConfig:
+    def config_from_json(cls, data: dict[str, Any], declared: Mapping[str, Any]) -> AdapterConfig:
         """lrs-written or original-code configs (`num_A`, `num_B`). The original's config cannot say which strategy
-        trained it: `strategy` declares it, else it is read as `fully`, with a warning."""
-        config = config_from_lora_json(data, cls.name)
+        trained it: the user's `declared` strategy, else it is read as `fully`, with a warning."""
+        strategy = declared.get("strategy")
+        config = config_from_lora_json(data, cls)
         recorded = config.options.get("strategy")  # in the `lrs` block of adapters lrs wrote
         if strategy is not None and recorded is not None and strategy != recorded:
             raise LrsError(f"--cola-strategy {strategy} contradicts the adapter's own strategy {recorded}")
         if strategy is None and recorded is None:
             warn("CoLA adapter in the original code's layout: its config does not record the strategy it was "
                  "trained with; reading it as fully (pass --cola-strategy heuristic or random if it was not)")
-        config.options = {**cls.defaults, **config.options, "strategy": strategy or recorded or "fully",
+        config.options = {**config.options, "strategy": strategy or recorded or "fully",
                           "num_a": int(data.get("num_A", 1)), "num_b": int(data.get("num_B", 1))}
         return config

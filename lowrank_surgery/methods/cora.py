@@ -8,12 +8,14 @@ or Kaiming-uniform as LoRA's (the paper's random A). Mode `frozen` trains A only
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from ..config import AdapterConfig
+from ..cards import CORA_PAPER
+from ..config import Options
 from ..errors import LrsError
+from ..subspace import Subspace, load_subspace
 from ..targets import Target
 from .lora import LoRA, kaiming_a
 
@@ -21,26 +23,32 @@ MODES = ("frozen", "init")
 A_INITS = ("zeros", "kaiming")
 
 
+@dataclass(frozen=True)
+class CoRAOptions(Options):
+    subspace: str | None = None  # the directory `lrs extract-subspace` wrote (needed at init only)
+    cora_mode: str = "frozen"  # frozen: B fixed, A trains; init: both train
+    a_init: str = "zeros"  # or kaiming, LoRA's (the paper's random A)
+
+    def __post_init__(self) -> None:
+        if self.cora_mode not in MODES:
+            raise LrsError(f"unknown --cora-mode {self.cora_mode!r} (known: {', '.join(MODES)})")
+        if self.a_init not in A_INITS:
+            raise LrsError(f"unknown --a-init {self.a_init!r} (known: {', '.join(A_INITS)})")
+
+
 class CoRA(LoRA):
     name = "cora"
-    defaults = {"subspace": None, "cora_mode": "frozen", "a_init": "zeros"}
-
-    def __init__(self, config: AdapterConfig):
-        super().__init__(config)
-        options = config.options
-        if options.get("cora_mode", "frozen") not in MODES:
-            raise LrsError(f"unknown --cora-mode {options['cora_mode']!r} (known: {', '.join(MODES)})")
-        if options.get("a_init", "zeros") not in A_INITS:
-            raise LrsError(f"unknown --a-init {options['a_init']!r} (known: {', '.join(A_INITS)})")
+    Options = CoRAOptions
+    paper = CORA_PAPER
 
     @classmethod
-    def default_targets(cls, options: dict[str, Any]) -> str:
+    def default_targets(cls, options: CoRAOptions) -> str:
         """The module types the subspace was built for."""
         return ",".join(_subspace(options).info["targets"])
 
     @property
     def frozen(self) -> set[str]:
-        return {"lora_B.weight"} if self.config.options.get("cora_mode", "frozen") == "frozen" else set()
+        return {"lora_B.weight"} if self.config.options.cora_mode == "frozen" else set()
 
     def init(self, targets: Sequence[Target], weights: Sequence[torch.Tensor] | None,
              generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
@@ -53,15 +61,13 @@ class CoRA(LoRA):
             if r > rank:
                 raise LrsError(f"--rank {r} for {t.path} exceeds the subspace's rank {rank} (CoRA takes its first r columns)")
             b = subspace.basis(t)[:, :r].contiguous()
-            a = kaiming_a(r, t.in_features, generator) if self.config.options.get("a_init") == "kaiming" \
+            a = kaiming_a(r, t.in_features, generator) if self.config.options.a_init == "kaiming" \
                 else torch.zeros(r, t.in_features)
             params.append({"lora_A.weight": a, "lora_B.weight": b})
         return params
 
 
-def _subspace(options: dict[str, Any]):
-    from ..subspace import load_subspace
-
-    if not options.get("subspace"):
+def _subspace(options: CoRAOptions) -> Subspace:
+    if not options.subspace:
         raise LrsError("--method cora needs --subspace DIR (from lrs extract-subspace)")
-    return load_subspace(options["subspace"])
+    return load_subspace(options.subspace)

@@ -16,11 +16,12 @@ Bone-bat = bat with the same block convention) load as FOSSIL.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..config import AdapterConfig, split_key
+from ..config import AdapterConfig, Options, split_key
 from ..errors import LrsError
 from ..targets import Target
 from .base import Layer, Method, Params
@@ -35,21 +36,29 @@ LEGACY_BLOCK = "bone_block"  # PEFT's Bone, the same parameter under its old nam
 INIT_VARIANTS: dict[bool | str, str] = {True: "balance", False: "balance", "mini": "mini", "bat": "bat"}
 
 
-class Fossil(Method):
-    name = "fossil"
-    peft_type = "MISS"
-    defaults = {"variant": "balance", "mini_r": None}
+@dataclass(frozen=True)
+class FossilOptions(Options):
+    variant: str = "balance"  # balance, mini or bat
+    mini_r: int | None = None  # mini: the block's width along the output
 
-    def __init__(self, config: AdapterConfig):
-        super().__init__(config)
-        self.variant = config.options.get("variant", "balance")
-        self.mini_r = config.options.get("mini_r")
+    def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise LrsError(f"unknown FOSSIL variant {self.variant!r} (known: {', '.join(VARIANTS)})")
         if self.variant == "mini" and (self.mini_r is None or self.mini_r < 1):
             raise LrsError("FOSSIL variant mini needs --mini-r N (N >= 1, dividing out_features)")
         if self.variant != "mini" and self.mini_r is not None:
             raise LrsError(f"--mini-r applies to FOSSIL variant mini only, not {self.variant}")
+
+
+class Fossil(Method):
+    name = "fossil"
+    peft_type = "MISS"
+    Options = FossilOptions
+    paper = ("FOSSIL", "https://arxiv.org/abs/2409.15371")
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        self.variant, self.mini_r = self.config.options.variant, self.config.options.mini_r
 
     @property
     def needs_base_weight(self) -> bool:  # type: ignore[override]
@@ -206,7 +215,7 @@ class Fossil(Method):
         }
 
     @classmethod
-    def config_from_json(cls, data: dict[str, Any]) -> AdapterConfig:
+    def config_from_json(cls, data: dict[str, Any], declared: Mapping[str, Any]) -> AdapterConfig:
         """From PEFT MiSS or Bone configs (lrs-written or not)."""
         lrs = data.get("lrs") or {}
         init = data.get("init_weights", True)
@@ -214,7 +223,7 @@ class Fossil(Method):
         if variant is None:
             raise LrsError(f"FOSSIL/MiSS init_weights={init!r} is not supported (true, false, 'mini' or 'bat')")
         r = int(data.get("r", 64))
-        options = {**options_from_lrs(lrs), "variant": variant,
+        options = {**options_from_lrs(lrs, cls), "variant": variant,
                    "mini_r": int(data.get("mini_r") or 1) if variant == "mini" else None}
         return AdapterConfig(
             method=cls.name, r=r, alpha=float(lrs.get("alpha", r)),
@@ -222,7 +231,7 @@ class Fossil(Method):
             dropout=float(data.get("miss_dropout") or 0.0),
             fan_in_fan_out=lrs.get("fan_in_fan_out") if lrs else False,  # PEFT's MiSS adapts nn.Linear only
             options=options, base_model=data.get("base_model_name_or_path"),
-            provenance=provenance_from_lrs(lrs),
+            provenance=provenance_from_lrs(lrs, cls),
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from .base import Method, Params
 class LoRA(Method):
     name = "lora"
     peft_type = "LORA"
+    paper = ("LoRA", "https://arxiv.org/abs/2106.09685")
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -37,8 +38,8 @@ class LoRA(Method):
         return lora_json(self.config)
 
     @classmethod
-    def config_from_json(cls, data: dict[str, Any]) -> AdapterConfig:
-        return config_from_lora_json(data, cls.name)
+    def config_from_json(cls, data: dict[str, Any], declared: Mapping[str, Any]) -> AdapterConfig:
+        return config_from_lora_json(data, cls)
 
 
 def kaiming_a(r: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
@@ -70,23 +71,23 @@ def lora_json(config: AdapterConfig, peft_type: str = "LORA") -> dict[str, Any]:
     }
 
 
-def config_from_lora_json(data: dict[str, Any], method: str) -> AdapterConfig:
+def config_from_lora_json(data: dict[str, Any], method: type[Method]) -> AdapterConfig:
     """An AdapterConfig from a PEFT LoRA config (written by lrs, PEFT or anyone else)."""
     lrs = data.get("lrs") or {}
     r = int(data.get("r", 8))
     return AdapterConfig(
-        method=method,
+        method=method.name,
         r=r,
         alpha=float(data.get("lora_alpha", r)),
         target_modules=_as_list(data.get("target_modules")),
         dropout=float(data.get("lora_dropout") or 0.0),
         rslora=bool(data.get("use_rslora", False)),
         fan_in_fan_out=None if data.get("fan_in_fan_out") is None else bool(data["fan_in_fan_out"]),
-        options=options_from_lrs(lrs),
+        options=options_from_lrs(lrs, method),
         rank_pattern=dict(data.get("rank_pattern") or {}),
         alpha_pattern=dict(data.get("alpha_pattern") or {}),
         base_model=data.get("base_model_name_or_path"),
-        provenance=provenance_from_lrs(lrs),
+        provenance=provenance_from_lrs(lrs, method),
         modules_to_save=_as_list(data.get("modules_to_save")),
     )
 
@@ -97,13 +98,14 @@ def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-CORE_KEYS = {"method", "r", "alpha", "version", "fan_in_fan_out"}
-PROVENANCE_KEYS = {"base", "base_revision", "base_hash", "subspace", "subspace_hash", "created_by", "init", "seed"}
+CORE_KEYS = {"method", "r", "alpha", "version", "fan_in_fan_out"}  # the block's own fields, not options
 
 
-def options_from_lrs(lrs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in lrs.items() if k not in CORE_KEYS | PROVENANCE_KEYS}
+def options_from_lrs(lrs: dict[str, Any], method: type[Method]) -> dict[str, Any]:
+    """The method's options among the `lrs` block's keys."""
+    return {k: v for k, v in lrs.items() if k in method.Options.names()}
 
 
-def provenance_from_lrs(lrs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in lrs.items() if k in PROVENANCE_KEYS}
+def provenance_from_lrs(lrs: dict[str, Any], method: type[Method]) -> dict[str, Any]:
+    """The rest of the block: where the adapter came from and what made it (extract-lora's and convert's reports)."""
+    return {k: v for k, v in lrs.items() if k not in CORE_KEYS and k not in method.Options.names()}

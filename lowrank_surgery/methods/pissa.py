@@ -12,12 +12,13 @@ On disk `peft_type: "PISSA"`, which stock PEFT refuses: read as a plain LoRA it 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, Options
 from ..errors import LrsError
 from ..targets import Target
 from .base import Layer, Method, Params
@@ -48,18 +49,25 @@ def pissa_factors(weights: Sequence[torch.Tensor], r: int, scale: float, algorit
     return factors
 
 
+@dataclass(frozen=True)
+class SvdOptions(Options):
+    """PiSSA's options, which CoLA shares: how the SVD of W is computed."""
+
+    init_svd: str = DEFAULT_SVD
+    niter: int | None = None  # power iterations of the randomized SVD (default DEFAULT_NITER)
+
+    def __post_init__(self) -> None:
+        if self.init_svd not in SVD_ALGORITHMS:
+            raise LrsError(f"unknown --init-svd {self.init_svd!r} (known: {', '.join(SVD_ALGORITHMS)})")
+        if self.niter is not None and (self.init_svd != "randomized" or self.niter < 0):
+            raise LrsError(f"--niter {self.niter} needs --init-svd randomized and a value >= 0")
+
+
 class PissaInit:
-    """What PiSSA and CoLA share: the SVD options, the frozen factors and the residual-model forward."""
+    """What PiSSA and CoLA share: the frozen factors and the residual-model forward."""
 
     config: AdapterConfig
     completable = frozenset({A0, B0})
-
-    def check_svd_options(self) -> None:
-        algorithm, niter = self.config.options.get("init_svd", DEFAULT_SVD), self.config.options.get("niter")
-        if algorithm not in SVD_ALGORITHMS:
-            raise LrsError(f"unknown --init-svd {algorithm!r} (known: {', '.join(SVD_ALGORITHMS)})")
-        if niter is not None and (algorithm != "randomized" or niter < 0):
-            raise LrsError(f"--niter {niter} needs --init-svd randomized and a value >= 0")
 
     def max_rank(self, target: Target) -> int:
         """The SVD of W has min(out, in) directions."""
@@ -73,8 +81,8 @@ class PissaInit:
             groups.setdefault((self.config.rank(t.path), self.config.scale(t.path)), []).append(k)
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(targets)
         for (r, s), idx in groups.items():
-            found = pissa_factors([weights[k] for k in idx], r, s, self.config.options.get("init_svd", DEFAULT_SVD),
-                                  self.config.options.get("niter"), generator)
+            found = pissa_factors([weights[k] for k in idx], r, s, self.config.options.init_svd,
+                                  self.config.options.niter, generator)
             for k, f in zip(idx, found):
                 out[k] = f
         return out  # type: ignore[return-value]
@@ -116,11 +124,8 @@ class PiSSA(PissaInit, Method):
     name = "pissa"
     peft_type = "PISSA"
     needs_base_weight = True
-    defaults = {"init_svd": DEFAULT_SVD, "niter": None}
-
-    def __init__(self, config: AdapterConfig):
-        super().__init__(config)
-        self.check_svd_options()
+    Options = SvdOptions
+    paper = ("PiSSA", "https://arxiv.org/abs/2404.02948")
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -149,15 +154,15 @@ class PiSSA(PissaInit, Method):
         return self.residual_forward(layer, x, params["lora_B.weight"], params["lora_A.weight"], params)
 
     def to_json(self) -> dict[str, Any]:
-        return {**lora_json(self.config, peft_type=self.peft_type), "init_lora_weights": _peft_init(self.config)}
+        return {**lora_json(self.config, peft_type=self.peft_type), "init_lora_weights": _peft_init(self.config.options)}
 
     @classmethod
-    def config_from_json(cls, data: dict[str, Any]) -> AdapterConfig:
-        return config_from_lora_json(data, cls.name)
+    def config_from_json(cls, data: dict[str, Any], declared: Mapping[str, Any]) -> AdapterConfig:
+        return config_from_lora_json(data, cls)
 
 
-def _peft_init(config: AdapterConfig) -> str:
+def _peft_init(options: SvdOptions) -> str:
     """PEFT's name for the same init (informational: these adapters keep the frozen factors)."""
-    if config.options.get("init_svd", DEFAULT_SVD) != "randomized":
+    if options.init_svd != "randomized":
         return "pissa"
-    return f"pissa_niter_{config.options.get('niter') or DEFAULT_NITER}"
+    return f"pissa_niter_{options.niter or DEFAULT_NITER}"
