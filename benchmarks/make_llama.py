@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from lowrank_surgery.checkpoint import PlannedTensor, SafetensorsWriter, parse_size, plan_shards, shard_names, write_index
+from lowrank_surgery.checkpoint import PlannedTensor, atomic_output, write_sharded
 
 
 def llama_config(layers: int, hidden: int = 2048, mlp: int = 8192, heads: int = 32, kv_heads: int = 8,
@@ -47,21 +46,14 @@ def generate(out: Path, layers: int = 16, max_shard_size: str = "500MB", seed: i
     if (out / "config.json").is_file():
         return out
     cfg = llama_config(layers, **shape)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
-    shards = plan_shards(tensor_plan(cfg, torch.bfloat16), parse_size(max_shard_size))
-    names = shard_names(len(shards))
-    for name, shard in zip(names, shards):
-        writer = SafetensorsWriter(tmp / name, shard)
-        for t in shard:
-            data = torch.ones(t.shape) if len(t.shape) == 1 else torch.randn(t.shape, generator=gen) * 0.02
-            writer.write(t.name, data.to(t.dtype))
-        writer.close()
-    write_index(tmp, shards, names)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    tmp.rename(out)
+
+    def weight(t: PlannedTensor) -> torch.Tensor:  # norms are ones; the writer casts to the planned dtype
+        return torch.ones(t.shape) if len(t.shape) == 1 else torch.randn(t.shape, generator=gen) * 0.02
+
+    with atomic_output(out) as tmp:
+        write_sharded(tmp, tensor_plan(cfg, torch.bfloat16), weight, max_shard_size, always_index=True)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
+
+from lowrank_surgery.checkpoint import atomic_output, plan_of, write_sharded
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,37 +34,23 @@ def prepare(out: Path, dtype: str = "bfloat16", max_shard_size: str = "100MB") -
     src = gguf_dir()
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_weights(model, tmp, getattr(torch, dtype), max_shard_size)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]
     config["dtype"] = dtype
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    with atomic_output(out) as tmp:
+        _write_weights(model, tmp, getattr(torch, dtype), max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 
 def _write_weights(model, directory: Path, dtype: torch.dtype, max_shard_size: str) -> None:
-    from lowrank_surgery.checkpoint import PlannedTensor, SafetensorsWriter, parse_size, plan_shards, shard_names, write_index
-
     state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
-    shards = plan_shards(plan, parse_size(max_shard_size))
-    names = shard_names(len(shards))
-    for name, shard in zip(names, shards):
-        writer = SafetensorsWriter(directory / name, shard)
-        for t in shard:
-            writer.write(t.name, state[t.name])
-        writer.close()
-    if len(shards) > 1:
-        write_index(directory, shards, names)
+    write_sharded(directory, plan_of(state), lambda t: state[t.name], max_shard_size)
 
 
 def main() -> None:

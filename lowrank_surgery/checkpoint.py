@@ -20,9 +20,10 @@ import signal
 import struct
 import threading
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -45,6 +46,10 @@ INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 MAX_HEADER = 100 * 2**20
+# What a Checkpoint does with a quantized checkpoint (config.json with quantization_config), whose stored values are
+# not the weights: refuse to read its tensors (headers and config stay readable: inspect, push, init of a LoRA),
+# refuse it at once (a command that computes with the weights), or dequantize fine-grained fp8 and refuse the rest.
+Quantized = Literal["refuse_reads", "refuse", "dequantize"]
 
 
 @dataclass(frozen=True)
@@ -193,9 +198,13 @@ def _check_coverage(path: Path, tensors: Sequence[TensorInfo], base: int, size: 
 
 
 class Checkpoint:
-    """A lazily read checkpoint: headers up front, tensor data one shard at a time."""
+    """A lazily read checkpoint: headers up front, tensor data one shard at a time; `quantized` says what becomes
+    of a quantized one (see Quantized)."""
 
-    def __init__(self, model: str | os.PathLike | ModelSource, revision: str | None = None, allow_pickle: bool = False):
+    def __init__(self, model: str | os.PathLike | ModelSource, revision: str | None = None, allow_pickle: bool = False,
+                 quantized: Quantized = "refuse_reads"):
+        if quantized not in get_args(Quantized):
+            raise ValueError(f"quantized={quantized!r} is not one of {get_args(Quantized)}")
         self.source = model if isinstance(model, ModelSource) else resolve_model(model, revision, allow_pickle)
         self.path = self.source.path
         self.dir = self.path if self.path.is_dir() else self.path.parent
@@ -210,8 +219,12 @@ class Checkpoint:
         self.config: dict = self._read_json("config.json") if self.path.is_dir() else {}
         check_model_config(self.config, self.path / "config.json")
         self.quantization = quant_method(self.config)
-        self._scales: dict[str, TensorInfo] = {}  # fp8 weight -> its block scales, once dequantize_fp8 is called
+        self._scales: dict[str, TensorInfo] = {}  # fp8 weight -> its block scales, when dequantized
         self._block: tuple[int, int] = (1, 1)  # the rows × columns each scale covers
+        if quantized == "dequantize":
+            self._dequantize_fp8()
+        if quantized != "refuse_reads":
+            self.require_unquantized()
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source.id!r}, {len(self.shards)} shard(s), {len(self.tensors)} tensors)"
@@ -272,7 +285,7 @@ class Checkpoint:
     def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor into memory, straight out of the page cache (one copy); into `buffer`
         (uint8, at least the tensor's bytes) when given, which the result then shares. A quantized checkpoint's
-        tensors are refused (they are not its weights), but fp8 weights after `dequantize_fp8` (float32)."""
+        tensors are refused (they are not its weights), but fp8 weights it dequantizes (float32)."""
         self.require_unquantized()
         if name in self._scales:
             return dequantize_blocks(self._read(self.info(name), buffer), self._read(self._scales[name]),
@@ -293,7 +306,8 @@ class Checkpoint:
 
     def require_unquantized(self) -> None:
         """Refuse a quantized checkpoint (a config.json with quantization_config): what it stores are integers or
-        fp8 values with scales, not the weights that lrs computes with."""
+        fp8 values with scales, not the weights that lrs computes with. The one check: at once for `quantized`
+        "refuse" and "dequantize" (after dequantizing fp8), on every read for "refuse_reads"."""
         if not self.quantization:
             return
         hint = ("; lrs merge can dequantize its fp8 weights with block scales into a plain checkpoint: pass "
@@ -301,7 +315,7 @@ class Checkpoint:
         raise LrsError(f"{self.source.id} is quantized ({self.quantization}): lrs needs its unquantized weights "
                        f"and would take the stored values for them; use the unquantized checkpoint{hint}")
 
-    def dequantize_fp8(self) -> None:
+    def _dequantize_fp8(self) -> None:
         """Read a fine-grained fp8 checkpoint (DeepSeek-V3, Qwen3-FP8: float8_e4m3fn `*.weight` and float
         `*.weight_scale_inv`, one scale per weight_block_size block) as the unquantized checkpoint it stands for:
         `get` gives W = fp8 · scale_inv in float32, and the scales and the quantization_config are no longer seen.
@@ -442,6 +456,93 @@ class SafetensorsWriter:
             self._unwritten.discard(name)
 
 
+def plan_of(tensors: Mapping[str, torch.Tensor]) -> list[PlannedTensor]:
+    """The plan that writes these tensors as they are, in order."""
+    return [PlannedTensor(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+
+
+def plan_shards(tensors: Sequence[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards of at most max_shard_size bytes (a larger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    """Hugging Face shard file names for `count` shards."""
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+class ShardedWriter:
+    """A checkpoint's safetensors shards in `directory`, every header written at once from the plan; then each
+    tensor goes to its place in any order and from any thread (memory: the tensors in flight), and `close` adds
+    model.safetensors.index.json. Shard files are named `names` (default: Hugging Face's); the index is written when
+    there are several shards, or always with `always_index` (a merge keeps its sharded base's index)."""
+
+    def __init__(self, directory: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str] | None = None,
+                 always_index: bool = False):
+        self.directory = directory
+        self.shards = shards
+        self.names = list(names) if names is not None else shard_names(len(shards))
+        self._indexed = always_index or len(shards) > 1
+        self._files = [SafetensorsWriter(directory / name, shard) for name, shard in zip(self.names, shards)]
+        self._file_of = {t.name: file for file, shard in zip(self._files, shards) for t in shard}
+
+    @property
+    def planned(self) -> list[PlannedTensor]:
+        """Every planned tensor, shard after shard."""
+        return [t for shard in self.shards for t in shard]
+
+    def write(self, name: str, data: torch.Tensor | bytes) -> None:
+        """`SafetensorsWriter.write` in the tensor's shard: cast to its planned dtype, refused where that overflows."""
+        self._file(name).write(name, data)
+
+    def copy(self, name: str, source: Path, start: int) -> None:
+        """`SafetensorsWriter.copy` in the tensor's shard: its bytes straight from another file."""
+        self._file(name).copy(name, source, start)
+
+    def close(self) -> None:
+        """Check every planned tensor was written, then write the index."""
+        for file in self._files:
+            file.close()
+        if self._indexed:
+            weight_map = {t.name: name for name, shard in zip(self.names, self.shards) for t in shard}
+            index = {"metadata": {"total_size": sum(t.nbytes for t in self.planned)}, "weight_map": weight_map}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def _file(self, name: str) -> SafetensorsWriter:
+        if name not in self._file_of:
+            raise RuntimeError(f"writer has no planned tensor {name}")
+        return self._file_of[name]
+
+
+def write_sharded(directory: Path, plan: Sequence[PlannedTensor], tensor: Callable[[PlannedTensor], torch.Tensor],
+                  max_shard_size: str | int, always_index: bool = False) -> list[str]:
+    """Write the planned tensors in order as shards of at most max_shard_size bytes (`ShardedWriter`), asking
+    `tensor` for each one in turn, so that only one is in memory; returns the shard file names."""
+    writer = ShardedWriter(directory, plan_shards(plan, parse_size(max_shard_size)), always_index=always_index)
+    for t in writer.planned:
+        writer.write(t.name, tensor(t))
+    writer.close()
+    return writer.names
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a small dict of tensors to one safetensors file."""
+    writer = SafetensorsWriter(path, plan_of(tensors), metadata)
+    for name, t in tensors.items():
+        writer.write(name, t)
+    writer.close()
+
+
 @contextlib.contextmanager
 def _open_for_update(path: Path) -> Iterator[int]:
     fd = os.open(path, os.O_WRONLY)
@@ -550,43 +651,6 @@ def read_json_object(path: Path) -> dict:
     return data
 
 
-def plan_shards(tensors: Sequence[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
-    """Split tensors, in order, into shards of at most max_shard_size bytes (a larger tensor gets its own)."""
-    shards: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
-
-
-def shard_names(count: int, stem: str = "model") -> list[str]:
-    """Hugging Face shard file names for `count` shards."""
-    if count == 1:
-        return [f"{stem}.safetensors"]
-    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def write_index(out_dir: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str]) -> None:
-    """Write model.safetensors.index.json for a sharded checkpoint."""
-    weight_map = {t.name: file for file, shard in zip(names, shards) for t in shard}
-    total = sum(t.nbytes for shard in shards for t in shard)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a small dict of tensors to one safetensors file."""
-    plan = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    writer = SafetensorsWriter(path, plan, metadata)
-    for name, t in tensors.items():
-        writer.write(name, t)
-    writer.close()
-
-
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Read every tensor of one (small) safetensors file, validating its header first."""
     ckpt = Checkpoint(ModelSource(path, str(path)))
@@ -615,10 +679,25 @@ def fp8_block_size(config: dict) -> tuple[int, int] | None:
 
 
 def dequantize_blocks(fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """W = fp8 · scale, each scale covering a block of rows × columns (the last ones cut at the edges), in float32."""
-    rows, cols = fp8.shape
-    expanded = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return fp8.float() * expanded
+    """W = fp8 · scale, each scale covering a block of rows × columns (the last ones cut at the edges), in float32.
+    Each part of whole or cut blocks is viewed as (row blocks, rows, column blocks, columns) and scaled in place by
+    its scales broadcast over the block, so no scale tensor of W's size is built."""
+    weight, scale = fp8.to(torch.float32, copy=True), scale.float()
+    for rows, scale_rows, row_block in _block_spans(weight.shape[0], block[0]):
+        for cols, scale_cols, col_block in _block_spans(weight.shape[1], block[1]):
+            blocks = weight[rows, cols].unflatten(1, (-1, col_block)).unflatten(0, (-1, row_block))
+            blocks.mul_(scale[scale_rows, scale_cols][:, None, :, None])
+    return weight
+
+
+def _block_spans(size: int, block: int) -> list[tuple[slice, slice, int]]:
+    """Along one dimension: the whole blocks, then the last block cut at the edge (if any), each as the span of
+    the weight, the span of the scales and the block length."""
+    whole = size // block * block
+    spans = [(slice(0, whole), slice(0, whole // block), block)] if whole else []
+    if whole < size:
+        spans.append((slice(whole, size), slice(whole // block, whole // block + 1), size - whole))
+    return spans
 
 
 
@@ -680,9 +759,8 @@ def _input_files(source: object) -> list[Path]:
 def _index_entries(index: Path) -> list[Path]:
     """The shard files an index names (none when there is no readable index: the reader reports a broken one)."""
     try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        return [index.parent / f for f in set(weight_map.values()) if isinstance(f, str)]
-    except (OSError, ValueError, AttributeError, TypeError):
+        return [index.parent / file for file in index_shards(read_json_object(index), index)]
+    except (OSError, LrsError):
         return []
 
 

@@ -127,9 +127,8 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
     if niter < 0:
         raise LrsError(f"--niter must be at least 0, got {niter}")
     start = time.perf_counter()
-    ft, bs = (Checkpoint(m, allow_pickle=allow_pickle) for m in (finetuned, base))
-    for ckpt in (ft, bs):  # before comparing layouts: fp8 checkpoints add scale tensors
-        ckpt.require_unquantized()
+    # refused before comparing layouts when quantized: fp8 checkpoints add scale tensors
+    ft, bs = (Checkpoint(m, allow_pickle=allow_pickle, quantized="refuse") for m in (finetuned, base))
     check_same_layout(ft, bs)
     chosen = select_targets(bs, targets)
     config = AdapterConfig(method="lora", r=1, alpha=1.0, target_modules=[],

@@ -27,8 +27,8 @@ import torch
 from .adapter import Adapter, load_adapter
 from .architecture import untied_copies
 from .checkpoint import (
-    Checkpoint, PlannedTensor, SafetensorsWriter, atomic_output, check_finite, check_output, parse_size, peak,
-    plan_shards, shard_names, write_index,
+    Checkpoint, PlannedTensor, ShardedWriter, atomic_output, check_finite, check_output, parse_size, peak, plan_shards,
+    shard_names,
 )
 from .errors import LrsError
 from .methods.base import Method, Params
@@ -104,10 +104,10 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     dev = _device(device)
     source = "(in memory)" if isinstance(adapter, Adapter) else os.fspath(adapter)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, cola_strategy)
-    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle)
-    if operation == "merge" and out_dtype is not None:
-        ckpt.dequantize_fp8()  # fp8 weights with block scales are read as float32 and written plain in out_dtype
-    ckpt.require_unquantized()  # any other quantized base, or fp8 without a --dtype to dequantize into
+    # merge --dtype reads fp8 weights with block scales as float32 and writes them plain in that dtype; any other
+    # quantized base is refused, and fp8 without a --dtype to dequantize into
+    quantized = "dequantize" if operation == "merge" and out_dtype is not None else "refuse"
+    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle, quantized=quantized)
     method = adapter.method
     jobs = plan_jobs(ckpt, adapter, method, from_base=operation == "merge")
     whole = whole_tensors(ckpt, adapter, jobs, operation)
@@ -121,9 +121,8 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     apply = method.merge if operation == "merge" else method.unmerge
     bound = ErrorBound(method) if operation == "unmerge" else None
     with atomic_output(out, force) as tmp, _cpu_threads(dev):
-        _write_shards(ckpt, tmp, shards, names, jobs, copies | whole, apply, dev, bound)
-        if len(shards) > 1 or ckpt.is_sharded:
-            write_index(tmp, shards, names)
+        _write_shards(ckpt, ShardedWriter(tmp, shards, names, always_index=ckpt.is_sharded), jobs, copies | whole,
+                      apply, dev, bound)
         _write_side_files(ckpt, tmp, adapter, report, out_dtype)
     report.error_bound = bound.worst if bound else None
     report.seconds = round(time.perf_counter() - start, 3)
@@ -262,18 +261,15 @@ def _device(device: str) -> torch.device:
 Apply = Callable[..., torch.Tensor]  # Method.merge or Method.unmerge: (W, params, path, out=buffer) -> W'
 
 
-def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str],
-                  jobs: dict[str, Job], copies: dict[str, str | torch.Tensor], apply: Apply, device: torch.device,
-                  bound: ErrorBound | None) -> None:
+def _write_shards(ckpt: Checkpoint, writer: ShardedWriter, jobs: dict[str, Job], copies: dict[str, str | torch.Tensor],
+                  apply: Apply, device: torch.device, bound: ErrorBound | None) -> None:
     """Every output tensor is produced and written in place by a few worker threads (reads, torch ops and
     positioned writes release the GIL), so only one tensor per worker is ever in memory. `copies` gives an
     output tensor's source other than the base tensor of its name: another base tensor (one the base lacks),
     or the adapter's whole tensor that replaces it (modules_to_save)."""
-    writers = {file: SafetensorsWriter(tmp / file, shard) for file, shard in zip(names, shards)}
-    items = [(writers[file], t, copies.get(t.name, t.name)) for file, shard in zip(names, shards) for t in shard]
     failed = threading.Event()  # the first error stops the workers from starting further tensors
 
-    def produce(writer: SafetensorsWriter, t: PlannedTensor, source: str | torch.Tensor) -> None:
+    def produce(t: PlannedTensor, source: str | torch.Tensor) -> None:
         if failed.is_set():
             return
         try:
@@ -284,17 +280,16 @@ def _write_shards(ckpt: Checkpoint, tmp: Path, shards: Sequence[Sequence[Planned
 
     pool = ThreadPoolExecutor(WORKERS)
     try:
-        futures = [pool.submit(produce, writer, t, source) for writer, t, source in items]
+        futures = [pool.submit(produce, t, copies.get(t.name, t.name)) for t in writer.planned]
         label = "merge" if bound is None else "unmerge"
         for future in progress(as_completed(futures), label, total=len(futures), unit="tensor"):
             future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    for writer in writers.values():
-        writer.close()
+    writer.close()
 
 
-def _produce(writer: SafetensorsWriter, ckpt: Checkpoint, t: PlannedTensor, source: str | torch.Tensor,
+def _produce(writer: ShardedWriter, ckpt: Checkpoint, t: PlannedTensor, source: str | torch.Tensor,
              job: Job | None, apply: Apply, device: torch.device, bound: ErrorBound | None) -> None:
     """Write one output tensor: computed, an adapter's whole tensor, or base tensor `source` cast or copied."""
     if job is not None:

@@ -12,9 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lowrank_surgery as lrs
-from lowrank_surgery.checkpoint import (
-    INDEX_NAME, PlannedTensor, SafetensorsWriter, atomic_output, parse_size, plan_shards, shard_names, write_index,
-)
+from lowrank_surgery.checkpoint import INDEX_NAME, atomic_output, parse_size, plan_of, write_sharded
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.targets import linear_targets
 
@@ -102,16 +100,8 @@ def test_every_safetensors_dtype_torch_holds_is_read(tmp_path, dtype):
 
 def test_sharded_writer_roundtrip(tmp_path):
     tensors = {f"t{i}": torch.randn(10, 7 + i).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(6)}
-    plan = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    shards = plan_shards(plan, parse_size("700B"))
-    names = shard_names(len(shards))
-    assert len(shards) > 1 and names[0] == f"model-00001-of-{len(shards):05d}.safetensors"
-    for file, shard in zip(names, shards):
-        writer = SafetensorsWriter(tmp_path / file, shard)
-        for t in shard:
-            writer.write(t.name, tensors[t.name])
-        writer.close()
-    write_index(tmp_path, shards, names)
+    names = write_sharded(tmp_path, plan_of(tensors), lambda t: tensors[t.name], "700B")
+    assert len(names) > 1 and names[0] == f"model-00001-of-{len(names):05d}.safetensors"
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(tensors)
     with safe_open(tmp_path / names[0], "pt") as f:

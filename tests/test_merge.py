@@ -534,8 +534,8 @@ def test_no_space_left_removes_the_temporary_output(lrs, llama, tmp_path, monkey
         if len(calls) > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("lowrank_surgery.merge.SafetensorsWriter.write", full_disk)
-    monkeypatch.setattr("lowrank_surgery.merge.SafetensorsWriter.copy", full_disk)
+    monkeypatch.setattr("lowrank_surgery.merge.ShardedWriter.write", full_disk)
+    monkeypatch.setattr("lowrank_surgery.merge.ShardedWriter.copy", full_disk)
     res = lrs("merge", tmp_path / "ad", llama, tmp_path / "out")
     _assert_clean_failure(res, "no space left on device", tmp_path, tmp_path / "out")
     assert 4 <= len(calls) <= 4 + WORKERS  # workers already busy may finish their tensor; the rest never start
