@@ -22,7 +22,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from lowrank_surgery.svd import ALGORITHMS, common_basis, resolve_device, truncated_svd
+from lowrank_surgery.device import resolve_device
+from lowrank_surgery.svd import ALGORITHMS, common_basis, truncated_svd
 
 Case = tuple[str, list[torch.Tensor]]
 

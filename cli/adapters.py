@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 import typer
 
-from ..adapter import default_adapter_out, save_adapter
-from ..checkpoint import check_output
-from ..initialize import init_adapter
-from .base import ALLOW_PICKLE, app, say
+from lowrank_surgery.adapter import default_adapter_out, save_adapter
+from lowrank_surgery.checkpoint import check_output
+from lowrank_surgery.initialize import init_adapter
+from lowrank_surgery.methods import METHODS
+
+from .base import ALLOW_PICKLE, DEVICE, FORCE, REVISION, app, choice, say, targets_option
 
 METHOD_HELP = "Method-specific options (an error if given for another method)."
 
-
-class MethodName(str, Enum):
-    lora = "lora"
-    cora = "cora"
-    pissa = "pissa"
-    cola = "cola"
-    fossil = "fossil"
+MethodName = choice("MethodName", METHODS)
 
 
 @app.command(epilog="Example: lrs init --method cola --base ./SmolLM2-135M --out cola-adapter --rank 8 --targets all-linear")
@@ -31,13 +26,13 @@ def init(
                                                  "named after --base)."),
     rank: int = typer.Option(8, "--rank", "-r", help="Rank r."),
     alpha: float = typer.Option(None, "--alpha", help="Scaling numerator α (s = α/r); default r."),
-    targets: str = typer.Option(None, "--targets", help="Comma list of module names or regexes, or all-linear."),
+    targets: str = targets_option(None),
     dropout: float = typer.Option(0.0, "--dropout", help="Dropout on the adapter input during training."),
     rslora: bool = typer.Option(False, "--rslora", help="Scale by α/√r instead of α/r."),
     seed: int = typer.Option(0, "--seed", help="Seed for random initialisation."),
-    device: str = typer.Option("auto", "--device", help="Where the SVDs of pissa and cola run: auto (CUDA when present), cpu or cuda."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision of --base."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    device: str = DEVICE,
+    revision: str = REVISION,
+    force: bool = FORCE,
     allow_pickle: bool = ALLOW_PICKLE,
     subspace: Path = typer.Option(None, "--subspace", help="cora: subspace directory from extract-subspace.", rich_help_panel=METHOD_HELP),
     cora_mode: str = typer.Option(None, "--cora-mode", help="cora: frozen (B fixed) or init (B trains).", rich_help_panel=METHOD_HELP),

@@ -6,10 +6,12 @@ import sys
 import warnings
 
 import typer
+from typer.core import TyperGroup
 
-from .. import progress
-from ..checkpoint import interrupts_raised
-from ..errors import LrsError, LrsWarning
+from lowrank_surgery import progress
+from lowrank_surgery.checkpoint import interrupts_raised
+from lowrank_surgery.errors import LrsError, LrsWarning
+
 from . import adapters, convert, inspect, merge, push, subspace, train  # noqa: F401  (commands register themselves on import)
 from .base import STATE, app, warn
 
@@ -26,7 +28,8 @@ def _global(
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: user errors print one line on stderr and exit 1 (tracebacks only with --debug)."""
-    args, flags = split_global_flags(list(sys.argv[1:] if argv is None else argv))
+    lrs = typer.main.get_group(app)
+    args, flags = split_global_flags(lrs, list(sys.argv[1:] if argv is None else argv))
     for flag in GLOBAL_FLAGS:
         STATE[flag[2:]] = flag in flags
     progress.QUIET = STATE["quiet"]
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         with warnings.catch_warnings(), interrupts_raised():
             warnings.simplefilter("always", LrsWarning)
             warnings.showwarning = _show_warning
-            app(args=args, prog_name="lrs")
+            lrs(args=args, prog_name="lrs")
     except LrsError as exc:
         _fail(exc, str(exc))
     except OSError as exc:
@@ -68,10 +71,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         _python_showwarning(message, category, filename, lineno, file, line)
 
 
-def split_global_flags(args: list[str]) -> tuple[list[str], set[str]]:
+def split_global_flags(lrs: TyperGroup, args: list[str]) -> tuple[list[str], set[str]]:
     """(args without the global flags, the global flags given): accepted anywhere on the line, but not where they
     are an option's value (`--message --debug`) or follow `--`."""
-    value_options = _value_options(args)
+    value_options = _value_options(lrs, args)
     rest: list[str] = []
     flags: set[str] = set()
     takes_value = False
@@ -86,10 +89,10 @@ def split_global_flags(args: list[str]) -> tuple[list[str], set[str]]:
     return rest, flags
 
 
-def _value_options(args: list[str]) -> set[str]:
+def _value_options(lrs: TyperGroup, args: list[str]) -> set[str]:
     """The option names that take a value, of the command `args` name (their first word but a global flag)."""
-    name = next((a for a in args if a not in GLOBAL_FLAGS), None)
-    command = typer.main.get_command(app).commands.get(name)  # type: ignore[attr-defined]
+    name = next((a for a in args if a not in GLOBAL_FLAGS), "")
+    command = lrs.commands.get(name)
     params = command.params if command is not None else []
     return {option for p in params if getattr(p, "is_flag", True) is False  # options with a value; arguments have no is_flag
             for option in p.opts + p.secondary_opts}

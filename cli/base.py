@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from enum import Enum
 from typing import Any
 
 import typer
 
 from lowrank_surgery.methods.cola import STRATEGIES
+from lowrank_surgery.svd import ALGORITHMS
 
 app = typer.Typer(
     name="lrs",
@@ -21,12 +23,30 @@ app = typer.Typer(
 )
 
 STATE = {"quiet": False, "debug": False}
+
+
+def choice(name: str, values: Iterable[str]) -> type[Enum]:
+    """A str Enum of the library's own list of `values`: how Typer offers and checks choices."""
+    return Enum(name, {value: value for value in values}, type=str)
+
+
+ColaStrategy = choice("ColaStrategy", STRATEGIES)
+SvdAlgorithm = choice("SvdAlgorithm", ALGORITHMS)
+
+# Options that several commands share, declared once.
 ALLOW_PICKLE = typer.Option(False, "--allow-pickle",
                             help="Read a pickled .bin/.pt checkpoint (torch.load weights_only=True).")
-
-ColaStrategy = Enum("ColaStrategy", {name: name for name in STRATEGIES}, type=str)
 COLA_STRATEGY = typer.Option(None, "--cola-strategy", help="The strategy an original-code CoLA adapter was trained "
                                                             "with (its config does not say; default fully, with a warning).")
+DEVICE = typer.Option("auto", "--device", help="Where the computation runs: auto (CUDA when present), cpu or cuda.")
+FORCE = typer.Option(False, "--force", help="Overwrite the output if it exists.")
+JSON = typer.Option(False, "--json", help="Print the result as JSON for scripts.")
+REVISION = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of the checkpoints read.")
+
+
+def targets_option(default: str | None) -> Any:
+    """--targets, with the default of the command that takes it."""
+    return typer.Option(default, "--targets", help="Comma list of module names or regexes, or all-linear.")
 
 
 def strategy_value(strategy: ColaStrategy | None) -> str | None:

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from ..convert import convert as convert_adapter
-from ..extract import extract_lora as extract
-from .base import ALLOW_PICKLE, COLA_STRATEGY, ColaStrategy, app, print_json, say, strategy_value, table, warn
+from lowrank_surgery.convert import FORMATS, convert as convert_adapter
+from lowrank_surgery.extract import extract_lora as extract
 
+from .base import (ALLOW_PICKLE, COLA_STRATEGY, DEVICE, FORCE, JSON, ColaStrategy, SvdAlgorithm, app, choice,
+                   print_json, say, strategy_value, table, targets_option, warn)
 
-class Format(str, Enum):
-    peft_lora = "peft-lora"
-    peft_miss = "peft-miss"
-    kohya = "kohya"
-    mlx = "mlx"
-    cola = "cola"
-    gguf = "gguf"
-
-
-class Algorithm(str, Enum):
-    exact = "exact"
-    randomized = "randomized"
+Format = choice("Format", FORMATS)
 
 
 @app.command(epilog="Example: lrs convert fossil-adapter lora-adapter --to peft-lora --base ./SmolLM2-135M")
@@ -38,10 +27,10 @@ def convert(
     rank: int = typer.Option(None, "--rank", "-r", help="Rank of the truncated SVD for ΔW that is not low-rank "
                                                         "(default: the adapter's r); lower ranks truncate."),
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Accept a truncated SVD where ΔW is not exact."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    force: bool = FORCE,
     cola_strategy: ColaStrategy = COLA_STRATEGY,
     allow_pickle: bool = ALLOW_PICKLE,
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: bool = JSON,
 ) -> None:
     """Convert an adapter to PEFT LoRA, PEFT MiSS, CoLA, kohya, mlx-lm or llama.cpp's GGUF LoRA, exactly where ΔW
     is low-rank."""
@@ -77,18 +66,19 @@ def extract_lora(
     distribute_scale: bool = typer.Option(False, "--distribute-scale", help="Factors B = U·√S, A = √S·Vᵀ (equal "
                                                                             "norms) instead of B = U·S, A = Vᵀ "
                                                                             "(mergekit's split)."),
-    targets: str = typer.Option("all-linear", "--targets", help="Comma list of module names or regexes, or all-linear."),
-    algorithm: Algorithm = typer.Option(Algorithm.exact, "--algorithm", help="Truncated SVD algorithm (randomized "
-                                                                              "needs --rank)."),
+    targets: str = targets_option("all-linear"),
+    algorithm: SvdAlgorithm = typer.Option(SvdAlgorithm("exact"), "--algorithm",
+                                           help="Truncated SVD: exact (torch.linalg.svd), gram (eigh of the float64 "
+                                                "Gram, the same factors) or randomized (needs --rank)."),
     niter: int = typer.Option(4, "--niter", help="Power iterations of the randomized SVD."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = DEVICE,
     save_module: list[str] = typer.Option([], "--save-module", help="Keep this module's changed tensors whole (PEFT "
                                                                     "modules_to_save); repeatable."),
     save_changed: bool = typer.Option(False, "--save-changed", help="Keep every changed tensor a LoRA cannot hold "
                                                                     "(norms, embeddings, ...) whole."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    force: bool = FORCE,
     allow_pickle: bool = ALLOW_PICKLE,
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: bool = JSON,
 ) -> None:
     """Extract a LoRA from the difference of two checkpoints, with the rank and energy it keeps per module."""
     report = extract(finetuned, base, out, rank, targets=targets, algorithm=algorithm.value, niter=niter,

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from ..inspect import format_summary, inspect_path
-from .base import ALLOW_PICKLE, COLA_STRATEGY, ColaStrategy, app, print_json, strategy_value
+from lowrank_surgery.inspect import format_summary, inspect_path
+
+from .base import ALLOW_PICKLE, COLA_STRATEGY, JSON, ColaStrategy, app, print_json, strategy_value
 
 
 @app.command(epilog="Example: lrs inspect ./SmolLM2-135M --json")
@@ -15,7 +16,7 @@ def inspect(
     path: Path = typer.Argument(..., help="A checkpoint (directory or .safetensors), adapter or subspace directory."),
     cola_strategy: ColaStrategy = COLA_STRATEGY,
     allow_pickle: bool = ALLOW_PICKLE,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    as_json: bool = JSON,
 ) -> None:
     """Summarise a checkpoint, an adapter or a subspace: tensors, dtypes, shards, method, targets, rank."""
     info = inspect_path(path, cola_strategy=strategy_value(cola_strategy), allow_pickle=allow_pickle)

@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 import typer
 
-from ..merge import MergeReport, merge as merge_adapter, unmerge as unmerge_adapter
-from .base import ALLOW_PICKLE, COLA_STRATEGY, ColaStrategy, app, print_json, say, strategy_value
+from lowrank_surgery.merge import DTYPE_CHOICES, MergeReport, merge as merge_adapter, unmerge as unmerge_adapter
 
+from .base import (ALLOW_PICKLE, COLA_STRATEGY, DEVICE, FORCE, JSON, REVISION, ColaStrategy, app, choice, print_json,
+                   say, strategy_value)
 
-class Dtype(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-DTYPE = typer.Option(Dtype.auto, "--dtype", help="Output dtype of floating-point tensors; auto keeps the base's.")
+Dtype = choice("Dtype", DTYPE_CHOICES)
+DTYPE = typer.Option(Dtype("auto"), "--dtype", help="Output dtype of floating-point tensors; auto keeps the base's.")
 SHARD = typer.Option(None, "--max-shard-size", help="Reshard the output (e.g. 5GB); default keeps the base's shards.")
-DEVICE = typer.Option(Device.auto, "--device", help="Where W ± ΔW is computed (auto: CUDA when present).")
-FORCE = typer.Option(False, "--force", help="Overwrite OUT if it exists.")
-REVISION = typer.Option(None, "--revision", help="Hub revision of the base / merged model.")
-JSON = typer.Option(False, "--json", help="Print the report as JSON for scripts.")
 
 
 @app.command(epilog="Example: lrs merge ./lora-adapter ./SmolLM2-135M ./smollm2-merged --dtype bfloat16")
@@ -37,12 +21,12 @@ def merge(
     adapter: Path = typer.Argument(..., help="Adapter directory (lrs or PEFT)."),
     base: str = typer.Argument(..., help="Base model: local directory, .safetensors file or Hub id."),
     out: Path = typer.Argument(..., help="Directory for the merged checkpoint."),
-    dtype: Dtype = DTYPE, max_shard_size: str = SHARD, device: Device = DEVICE, force: bool = FORCE,
+    dtype: Dtype = DTYPE, max_shard_size: str = SHARD, device: str = DEVICE, force: bool = FORCE,
     revision: str = REVISION, allow_pickle: bool = ALLOW_PICKLE, cola_strategy: ColaStrategy = COLA_STRATEGY,
     as_json: bool = JSON,
 ) -> None:
     """Fold an adapter into its base: a full checkpoint with W + ΔW, streamed shard by shard."""
-    report = merge_adapter(adapter, base, out, dtype=dtype.value, max_shard_size=max_shard_size, device=device.value,
+    report = merge_adapter(adapter, base, out, dtype=dtype.value, max_shard_size=max_shard_size, device=device,
                            force=force, revision=revision, allow_pickle=allow_pickle,
                            cola_strategy=strategy_value(cola_strategy))
     _print(report, as_json)
@@ -53,13 +37,13 @@ def unmerge(
     adapter: Path = typer.Argument(..., help="The adapter that was merged."),
     merged: str = typer.Argument(..., help="Merged checkpoint: local directory, .safetensors file or Hub id."),
     out: Path = typer.Argument(..., help="Directory for the recovered base checkpoint."),
-    dtype: Dtype = DTYPE, max_shard_size: str = SHARD, device: Device = DEVICE, force: bool = FORCE,
+    dtype: Dtype = DTYPE, max_shard_size: str = SHARD, device: str = DEVICE, force: bool = FORCE,
     revision: str = REVISION, allow_pickle: bool = ALLOW_PICKLE, cola_strategy: ColaStrategy = COLA_STRATEGY,
     as_json: bool = JSON,
 ) -> None:
     """Take a merged adapter back out: W = W' − ΔW (the method's exact inverse), with its rounding bound."""
     report = unmerge_adapter(adapter, merged, out, dtype=dtype.value, max_shard_size=max_shard_size,
-                             device=device.value, force=force, revision=revision, allow_pickle=allow_pickle,
+                             device=device, force=force, revision=revision, allow_pickle=allow_pickle,
                              cola_strategy=strategy_value(cola_strategy))
     _print(report, as_json)
 

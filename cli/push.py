@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from ..hub import push as push_to_hub
-from .base import app, print_json, say, table
+from lowrank_surgery.hub import push as push_to_hub
+
+from .base import JSON, app, print_json, say, table
 
 
 @app.command(epilog="Example: lrs push ./cora-adapter my-name/smollm2-cora --private --dry-run")
@@ -19,7 +20,7 @@ def push(
     revision: str = typer.Option(None, "--revision", help="Branch to commit to (created if needed)."),
     message: str = typer.Option(None, "--message", "-m", help="Commit message."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the files, sizes and model card; send nothing."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    as_json: bool = JSON,
 ) -> None:
     """Upload a directory to the Hugging Face Hub in one commit with a model card (token: HF_TOKEN or hf auth login)."""
     report = push_to_hub(path, repo_id, private=private, create_pr=create_pr, revision=revision, message=message,

@@ -16,7 +16,7 @@ BEGIN, END = "<!-- cli:begin -->", "<!-- cli:end -->"
 def commands() -> dict:
     from .app import app
 
-    group = typer.main.get_command(app)
+    group = typer.main.get_group(app)
     return dict(sorted(group.commands.items()))
 
 

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 import typer
 
-from ..subspace import DEFAULT_NITER, DEFAULT_TARGETS, default_subspace_out, extract_subspace as extract, summary_rows
-from .base import ALLOW_PICKLE, app, print_json, say, table
+from lowrank_surgery.subspace import (DEFAULT_NITER, DEFAULT_TARGETS, SCOPES, default_subspace_out,
+                                      extract_subspace as extract, summary_rows)
 
+from .base import (ALLOW_PICKLE, DEVICE, FORCE, JSON, REVISION, SvdAlgorithm, app, choice, print_json, say, table,
+                   targets_option)
 
-class Scope(str, Enum):
-    layer = "layer"
-    model = "model"
-
-
-class Algorithm(str, Enum):
-    gram = "gram"
-    exact = "exact"
-    randomized = "randomized"
+Scope = choice("Scope", SCOPES)
 
 
 @app.command("extract-subspace",
@@ -30,18 +23,18 @@ def extract_subspace(
     out: Path = typer.Option(None, "--out", help="Subspace directory to write (default: ./<model>-subspace-r<rank>, "
                                                  "several models joined by +)."),
     rank: int = typer.Option(64, "--rank", "-r", help="Columns of each basis."),
-    targets: str = typer.Option(DEFAULT_TARGETS, "--targets", help="Comma list of module names or regexes, or all-linear."),
-    scope: Scope = typer.Option(Scope.layer, "--scope", help="layer: one basis per module path; "
-                                                              "model: one per module type, over all layers."),
-    algorithm: Algorithm = typer.Option(Algorithm.gram, "--algorithm",
-                                        help="gram: exact, eigh of the float64 Gram Σ W Wᵀ (fastest exact route); "
-                                             "exact: torch.linalg.svd of [W_1|W_2|…]; randomized: Halko et al."),
+    targets: str = targets_option(DEFAULT_TARGETS),
+    scope: Scope = typer.Option(Scope("layer"), "--scope", help="layer: one basis per module path; "
+                                                                "model: one per module type, over all layers."),
+    algorithm: SvdAlgorithm = typer.Option(SvdAlgorithm("gram"), "--algorithm",
+                                           help="gram: exact, eigh of the float64 Gram Σ W Wᵀ (fastest exact route); "
+                                                "exact: torch.linalg.svd of [W_1|W_2|…]; randomized: Halko et al."),
     niter: int = typer.Option(DEFAULT_NITER, "--niter", help="Power iterations of the randomized algorithm."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision of the models."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    device: str = DEVICE,
+    revision: str = REVISION,
+    force: bool = FORCE,
     allow_pickle: bool = ALLOW_PICKLE,
-    as_json: bool = typer.Option(False, "--json", help="Print subspace.json, with the directory written as out."),
+    as_json: bool = JSON,
 ) -> None:
     """Compute CoRA common subspaces (top-r left singular vectors of the concatenated weights)."""
     out = out or default_subspace_out(models, rank)

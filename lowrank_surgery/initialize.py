@@ -12,10 +12,10 @@ import torch
 from .adapter import Adapter
 from .config import AdapterConfig
 from .checkpoint import Checkpoint
+from .device import default_device
 from .errors import LrsError, warn
 from .methods import METHODS, get_method
 from .progress import progress
-from .svd import default_device
 from .targets import Target, compact_names, load_weight, select_targets
 
 

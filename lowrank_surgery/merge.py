@@ -30,6 +30,7 @@ from .checkpoint import (
     Checkpoint, PlannedTensor, ShardedWriter, atomic_output, check_finite, check_output, parse_size, peak, plan_shards,
     shard_names,
 )
+from .device import resolve_device
 from .errors import LrsError
 from .methods.base import Method, Params
 from .progress import progress
@@ -101,7 +102,7 @@ def _run(operation: str, adapter: str | os.PathLike | Adapter, base: str | os.Pa
     check_output(out, force, inputs=(adapter, base))
     out_dtype = _parse_dtype(dtype)
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
-    dev = _device(device)
+    dev = resolve_device(device)
     source = "(in memory)" if isinstance(adapter, Adapter) else os.fspath(adapter)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, cola_strategy)
     # merge --dtype reads fp8 weights with block scales as float32 and writes them plain in that dtype; any other
@@ -243,16 +244,6 @@ def _cpu_threads(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise LrsError(f"--device {device!r} is not auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LrsError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(device)
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -23,9 +23,10 @@ import torch
 from .checkpoint import (Checkpoint, atomic_output, check_finite, check_output, load_tensors, model_name,
                          read_json_object, resolve_model, save_tensors)
 from .config import package_version
+from .device import resolve_device
 from .errors import LrsError
 from .progress import progress
-from .svd import ALGORITHMS, GramAccumulator, common_basis, resolve_device
+from .svd import ALGORITHMS, GramAccumulator, common_basis
 from .targets import Target, kinds, linear_float32, select_targets
 
 FORMAT, VERSION = "lrs-subspace", 1

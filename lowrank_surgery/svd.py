@@ -14,47 +14,17 @@ Signs are fixed so that the largest-magnitude entry of every column of U is posi
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
 
 import scipy.linalg
 import torch
 from torch import Tensor
 
+from .device import resolve_device
 from .errors import LrsError
 
 ALGORITHMS = ("exact", "gram", "randomized")
 SEED = 0
-
-
-_DEVICE: ContextVar[str] = ContextVar("lrs_svd_device", default="auto")
-
-
-@contextlib.contextmanager
-def default_device(device: str | torch.device) -> Iterator[None]:
-    """Within the block, `auto` means `device` (how `init --device` reaches the SVDs of every method)."""
-    resolve_device(device)
-    token = _DEVICE.set(str(device))
-    try:
-        yield
-    finally:
-        _DEVICE.reset(token)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto` -> the default_device, else cuda when available, else cpu; refuse cuda when it is not there."""
-    if str(device) == "auto":
-        device = _DEVICE.get()
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LrsError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LrsError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def reduced_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:

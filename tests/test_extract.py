@@ -176,6 +176,26 @@ def test_fixed_rank_writes_no_pattern(llama, planted, tmp_path):
     assert ls.load_adapter(tmp_path / "out").weights["model.layers.1.self_attn.v_proj"]["lora_A.weight"].shape[0] == 2
 
 
+@pytest.mark.parametrize("flags", [["--energy", "0.99"], ["--threshold", "0.04", "--rank", "2"]], ids=" ".join)
+def test_gram_gives_the_factors_of_exact(lrs, llama, planted, tmp_path, flags):
+    """--algorithm gram (float64 Gram + eigh, then Rayleigh-Ritz) keeps exact's ranks and factors, all singular
+    values (--energy) or the leading ones (a cap)."""
+    ft, _ = planted
+    for algorithm in ("exact", "gram"):
+        res = lrs("extract-lora", ft, llama, tmp_path / algorithm, *flags, "--algorithm", algorithm)
+        assert res.code == 0, res.stderr
+    exact, gram = ls.load_adapter(tmp_path / "exact"), ls.load_adapter(tmp_path / "gram")
+    assert (exact.config.options["algorithm"], gram.config.options["algorithm"]) == ("exact", "gram")
+    assert gram.config.rank_pattern == exact.config.rank_pattern != {}
+    for m, params in gram.weights.items():
+        a, b = params["lora_A.weight"], params["lora_B.weight"]
+        a0, b0 = exact.weights[m]["lora_A.weight"], exact.weights[m]["lora_B.weight"]
+        torch.testing.assert_close(b @ a, b0 @ a0, rtol=0, atol=1e-5)
+        if len(set(SIGMAS[m])) == len(SIGMAS[m]):  # a tied pair's singular vectors are any basis of their plane
+            torch.testing.assert_close(a, a0, rtol=0, atol=1e-5)
+            torch.testing.assert_close(b, b0, rtol=0, atol=1e-5)
+
+
 def test_summary_shows_ranks_and_what_the_cap_held_back(lrs, llama, planted, tmp_path):
     ft, _ = planted
     res = lrs("extract-lora", ft, llama, tmp_path / "out", "--threshold", "0.04", "--rank", "2")

@@ -7,8 +7,9 @@ import pytest
 import scipy.linalg
 import torch
 
+from lowrank_surgery.device import resolve_device
 from lowrank_surgery.errors import LrsError
-from lowrank_surgery.svd import ALGORITHMS, GramAccumulator, common_basis, resolve_device, truncated_svd
+from lowrank_surgery.svd import ALGORITHMS, GramAccumulator, common_basis, truncated_svd
 
 EXACT = ("exact", "gram")
 
