@@ -185,7 +185,7 @@ def test_gram_gives_the_factors_of_exact(lrs, llama, planted, tmp_path, flags):
         res = lrs("extract-lora", ft, llama, tmp_path / algorithm, *flags, "--algorithm", algorithm)
         assert res.code == 0, res.stderr
     exact, gram = ls.load_adapter(tmp_path / "exact"), ls.load_adapter(tmp_path / "gram")
-    assert (exact.config.options["algorithm"], gram.config.options["algorithm"]) == ("exact", "gram")
+    assert (exact.config.provenance["algorithm"], gram.config.provenance["algorithm"]) == ("exact", "gram")
     assert gram.config.rank_pattern == exact.config.rank_pattern != {}
     for m, params in gram.weights.items():
         a, b = params["lora_A.weight"], params["lora_B.weight"]
