@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from .. import progress
-from ..train import train as train_adapter
+from ..train import TrainConfig, train as train_adapter
 from .base import ALLOW_PICKLE, COLA_STRATEGY, STATE, ColaStrategy, app, print_json, say, strategy_value, warn
 
 
@@ -43,15 +43,19 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Train an adapter (any method) with AdamW, warmup + cosine, accumulation, clipping and checkpoints."""
+    config = TrainConfig(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                         seq_len=seq_len, eval_data=eval_data, eval_every=eval_every, save_every=save_every,
+                         warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm, packing=packing,
+                         grad_checkpointing=grad_checkpointing, resume=resume, force=force, seed=seed, device=device,
+                         cola_strategy=strategy_value(cola_strategy), allow_pickle=allow_pickle)
     log = None if as_json or progress.enabled() or STATE["quiet"] else _log_line
-    summary = train_adapter(adapter, base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
-                            grad_accum=grad_accum, seq_len=seq_len, eval_data=eval_data, eval_every=eval_every,
-                            save_every=save_every, warmup=warmup, weight_decay=weight_decay,
-                            max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, packing=packing,
-                            resume=resume, force=force, seed=seed, device=device,
-                            cola_strategy=strategy_value(cola_strategy), allow_pickle=allow_pickle, on_log=log)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
-        return
+    summary = train_adapter(adapter, base, data, out, config, on_log=log)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+        _report(summary, as_json)
+
+
+def _report(summary: dict, as_json: bool) -> None:
+    """The summary: as JSON, or one line (notes as warnings either way)."""
     for note in summary["notes"]:
         warn(note)
     if as_json:
@@ -59,7 +63,8 @@ def train(
         return
     eval_part = f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""
     say(f"trained {summary['steps']} steps on {summary['examples']} examples ({summary['truncated']} truncated "
-        f"to --seq-len): loss {summary['loss']:.4f}{eval_part}, {summary['tokens_per_s']} tokens/s; wrote {out}")
+        f"to --seq-len): loss {summary['loss']:.4f}{eval_part}, {summary['tokens_per_s']} tokens/s; "
+        f"wrote {summary['out']}")
 
 
 def _log_line(record: dict) -> None:

@@ -1,11 +1,11 @@
 """`lrs train`: a small, resumable training loop for any lrs adapter, single process or under torchrun.
 
-Read top to bottom: set up the process group, load data, base and adapter; then for each optimizer
-step, run `grad_accum` micro-batches (each rank takes its slice of every micro-batch, so the global
-batch does not depend on the number of processes), clip, step AdamW at the warmup+cosine learning
-rate, log, evaluate and checkpoint. OUT is the adapter directory (the format `lrs init` writes) plus
-metrics.jsonl, loss_curve.png (when matplotlib is installed) and the hidden `.trainer/` state; every
-checkpoint replaces these atomically (what else OUT holds is kept), so OUT always holds one consistent,
+Read top to bottom: the settings of a run (TrainConfig), then `train`: set up the process group, load data,
+base and adapter; then for each optimizer step, run `grad_accum` micro-batches (each rank takes its slice of
+every micro-batch, so the global batch does not depend on the number of processes), clip, step AdamW at the
+warmup+cosine learning rate, log, evaluate and checkpoint. OUT is the adapter directory (the format `lrs init`
+writes) plus metrics.jsonl, loss_curve.png (when matplotlib is installed) and the hidden `.trainer/` state;
+every checkpoint replaces these atomically (what else OUT holds is kept), so OUT always holds one consistent,
 resumable step. The run holds an exclusive claim on OUT from start to end.
 """
 
@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import progress
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter, write_adapter_files
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, Field, check_fields, load_adapter, write_adapter_files
 from .attach import attach, trained_weights
 from .cards import adapter_card, read_metrics
 from .checkpoint import (Checkpoint, atomic_output, check_output, claim_output, load_tensors, read_json_object,
@@ -41,8 +41,112 @@ METRICS = "metrics.jsonl"
 PLOT = "loss_curve.png"
 OUTPUTS = (CONFIG_NAME, WEIGHTS_NAME, "README.md", METRICS, PLOT, STATE_DIR)  # what a checkpoint replaces in OUT
 NO_PLOT = f"no {PLOT}: matplotlib is not installed (pip install matplotlib to plot the losses)"
-STREAM_SETTINGS = ("steps", "lr", "batch_size", "grad_accum", "seq_len", "warmup", "weight_decay",
-                   "max_grad_norm", "packing", "seed", "data")  # must match for --resume to be exact
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the optimizer's float32 steps overflow past it: "finite" means below
+
+
+# ---------------------------------------------------------------------------- settings
+POSITIVE: Field = (lambda value: 0 < value <= FLOAT32_MAX, "positive and finite")  # also refuses nan
+AT_LEAST_0: Field = (lambda value: 0 <= value <= FLOAT32_MAX, "at least 0 and finite")
+MUST_MATCH = "must match"  # the mark of a setting that --resume requires unchanged
+
+
+def _setting(default: Any, check: Field | None = None, *, must_match: bool = False) -> Any:
+    """A TrainConfig field: its default, its check (test, what the value must be; None: none) and whether --resume
+    requires the checkpoint's value (settings that shape the data stream or the updates)."""
+    return field(default=default, metadata={"check": check, "resume": MUST_MATCH if must_match else None})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run, checked when built (LrsError naming the `lrs train` flag) and saved with
+    each checkpoint in `.trainer/state.json`."""
+
+    steps: int | None = _setting(None, POSITIVE, must_match=True)  # optimizer steps; None: `epochs` decides
+    epochs: float | None = _setting(None, POSITIVE)  # passes over the data instead of `steps` (None and None: 1)
+    lr: float = _setting(2e-4, POSITIVE, must_match=True)  # peak learning rate
+    batch_size: int = _setting(8, POSITIVE, must_match=True)  # examples per micro-batch, over all processes
+    grad_accum: int = _setting(1, POSITIVE, must_match=True)  # micro-batches per optimizer step
+    seq_len: int = _setting(512, must_match=True)  # tokens per example; longer ones are truncated
+    eval_data: str | os.PathLike | None = None  # JSON Lines evaluated every `eval_every` steps
+    eval_every: int = _setting(100, POSITIVE)  # evaluate every N steps (and at the end)
+    save_every: int = _setting(100, POSITIVE)  # checkpoint every N steps (and at the end)
+    warmup: int | None = _setting(None, AT_LEAST_0, must_match=True)  # warmup steps; None: 5% of the steps
+    weight_decay: float = _setting(0.0, AT_LEAST_0, must_match=True)  # AdamW's
+    max_grad_norm: float = _setting(1.0, POSITIVE, must_match=True)  # gradient clipping
+    packing: bool = _setting(False, must_match=True)  # concatenate examples into full `seq_len` rows
+    grad_checkpointing: bool = False  # trade compute for memory
+    resume: bool = False  # continue the checkpoint in OUT exactly
+    force: bool = False  # replace OUT if it exists
+    seed: int = _setting(0, must_match=True)  # data order and dropout
+    device: str = "auto"  # auto, cpu or cuda
+    cola_strategy: str | None = None  # the strategy of an original-code CoLA adapter (see load_adapter)
+    allow_pickle: bool = False  # read a pickled base checkpoint (torch.load weights_only=True)
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise LrsError("give --steps or --epochs, not both")
+        for setting in fields(self):
+            value, check = getattr(self, setting.name), setting.metadata.get("check")
+            if value is not None and check is not None and not check[0](value):
+                raise LrsError(f"--{setting.name.replace('_', '-')} must be {check[1]}, got {value}")
+        check_seed(self.seed)
+
+    @classmethod
+    def must_match(cls) -> tuple[str, ...]:
+        """The settings --resume requires unchanged: the fields marked so."""
+        return tuple(f.name for f in fields(cls) if f.metadata.get("resume") == MUST_MATCH)
+
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step, over all processes."""
+        return self.batch_size * self.grad_accum
+
+    def for_data(self, examples: int) -> TrainConfig:
+        """This config with its length settled for `examples` training examples: `steps` (from `epochs`, one
+        epoch by default; `epochs` is then None) and `warmup` (5% of the steps by default)."""
+        steps = self.steps if self.steps is not None else math.ceil((self.epochs or 1.0) * examples / self.global_batch)
+        warmup = round(0.05 * steps) if self.warmup is None else self.warmup
+        return replace(self, steps=steps, epochs=None, warmup=warmup)
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON values (the evaluation file's path as a string)."""
+        return {**asdict(self), "eval_data": None if self.eval_data is None else os.fspath(self.eval_data)}
+
+
+# ---------------------------------------------------------------------------- the run
+def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: str | os.PathLike,
+          out: str | os.PathLike, config: TrainConfig = TrainConfig(), *,
+          on_log: Callable[[dict[str, Any]], None] | None = None, **settings: Any) -> dict[str, Any]:
+    """Train the adapter's parameters on `data` and write the result to `out`; returns a summary.
+
+    config holds the run's settings; any TrainConfig field given by name (steps=100, lr=1e-3, ...) replaces
+    the config's. steps (optimizer steps) or epochs (default 1) set the length; the global batch is
+    batch_size x grad_accum examples whatever the number of processes. on_log receives every metrics record
+    (rank 0 only).
+    """
+    config = replace(config, **settings)
+    out = Path(out)
+    _check_out(out, config, inputs=(adapter, base, data, config.eval_data))
+    ctx = _setup_distributed(config.device)
+    try:
+        with claim_output(out, config.force or config.resume) if ctx.main else nullcontext():
+            return _loop(_prepare(ctx, adapter, base, data, out, config), on_log)
+    except KeyboardInterrupt as exc:
+        raise exc if exc.args else _interrupted(out) from None
+    finally:
+        if ctx.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _check_out(out: Path, config: TrainConfig, inputs: Sequence[object]) -> None:
+    """Refuse, before any work: --resume without a checkpoint in OUT, an OUT that may not be written, an input
+    that writing OUT would delete."""
+    if not config.resume:
+        check_output(out, config.force, inputs)
+        return
+    if not (out / STATE_DIR / "state.json").is_file():
+        raise LrsError(f"--resume: {out} holds no training checkpoint ({STATE_DIR}/state.json)")
+    check_output(out, True, inputs[1:], replaces=OUTPUTS)  # only lrs's own files; ADAPTER is not read (OUT holds it)
 
 
 @dataclass
@@ -68,119 +172,93 @@ class Context:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
 
-def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: str | os.PathLike,
-          out: str | os.PathLike, *, steps: int | None = None, epochs: float | None = None, lr: float = 2e-4,
-          batch_size: int = 8, grad_accum: int = 1, seq_len: int = 512, eval_data: str | os.PathLike | None = None,
-          eval_every: int = 100, save_every: int = 100, warmup: int | None = None, weight_decay: float = 0.0,
-          max_grad_norm: float = 1.0, grad_checkpointing: bool = False, packing: bool = False, resume: bool = False,
-          force: bool = False, seed: int = 0, device: str = "auto", cola_strategy: str | None = None,
-          allow_pickle: bool = False,
-          on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train the adapter's parameters on `data` and write the result to `out`; returns a summary.
+@dataclass
+class Run:
+    """What the loop works with, set up by `_prepare`."""
 
-    steps (optimizer steps) or epochs (default 1) set the length; the global batch is batch_size x grad_accum
-    examples whatever the number of processes. on_log receives every metrics record (rank 0 only). cola_strategy
-    declares the strategy of an original-code CoLA adapter (see load_adapter).
-    """
-    out = Path(out)
-    _check_args(out, resume, force, steps, epochs, inputs=(adapter, base, data, eval_data),
-                positive={"--steps": steps, "--epochs": epochs, "--lr": lr, "--batch-size": batch_size,
-                          "--grad-accum": grad_accum, "--save-every": save_every, "--eval-every": eval_every,
-                          "--max-grad-norm": max_grad_norm},
-                non_negative={"--warmup": warmup, "--weight-decay": weight_decay}, seed=seed)
-    ctx = _setup_distributed(device)
-    try:
-        with claim_output(out, force or resume) if ctx.main else nullcontext():
-            return _run(ctx, adapter, base, data, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
-                        grad_accum=grad_accum, seq_len=seq_len, eval_data=eval_data, eval_every=eval_every,
-                        save_every=save_every, warmup=warmup, weight_decay=weight_decay,
-                        max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, packing=packing,
-                        resume=resume, seed=seed, cola_strategy=cola_strategy, allow_pickle=allow_pickle,
-                        on_log=on_log)
-    except KeyboardInterrupt as exc:
-        raise exc if exc.args else _interrupted(out) from None
-    finally:
-        if ctx.world > 1:
-            torch.distributed.destroy_process_group()
+    ctx: Context
+    config: TrainConfig  # its steps and warmup settled for the data
+    out: Path
+    adapter: Adapter  # the adapter trained from: checkpoints write its config with the trained weights
+    model: nn.Module  # the base with the adapter attached
+    engine: nn.Module  # the model, or DistributedDataParallel around it under torchrun
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    train_set: Dataset
+    eval_set: Dataset | None
+    pad_id: int
+    plt: Any  # matplotlib.pyplot, or None when matplotlib is not installed
+    start: int  # the step the loop starts from: 0, or the checkpoint's when resuming
+    records: list[dict[str, Any]]  # the metrics so far, the checkpoint's included
+    saved: int  # the last step checkpointed in OUT (0: none yet)
 
 
-def _run(ctx: Context, adapter, base, data, out: Path, *, steps, epochs, lr, batch_size, grad_accum, seq_len,
-         eval_data, eval_every, save_every, warmup, weight_decay, max_grad_norm, grad_checkpointing, packing,
-         resume, seed, cola_strategy, allow_pickle, on_log) -> dict[str, Any]:
-    if batch_size % ctx.world:
-        raise LrsError(f"--batch-size {batch_size} must be a multiple of the number of processes ({ctx.world})")
-    ckpt = Checkpoint(base, allow_pickle=allow_pickle)  # the one resolver: pickles only when allowed
-    ckpt.require_unquantized()  # transformers would load it quantized, or not at all on a CPU
-    base_path = ckpt.path
-    tokenizer = load_tokenizer(base_path)
-    train_set = load_dataset(data, tokenizer, seq_len, packing)
-    eval_set = load_dataset(eval_data, tokenizer, seq_len, packing) if eval_data else None
-    global_batch = batch_size * grad_accum
-    total = steps if steps is not None else math.ceil((epochs or 1.0) * len(train_set) / global_batch)
-    settings = {"steps": total, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
-                "warmup": round(0.05 * total) if warmup is None else warmup, "weight_decay": weight_decay,
-                "max_grad_norm": max_grad_norm, "packing": packing, "seed": seed, "data": train_set.fingerprint}
-
-    resumed = read_resume_state(out) if resume else None  # checked before the (slow) model load
-    if isinstance(adapter, Adapter) and not resume:
-        start_adapter = adapter
-    else:
-        start_adapter = load_adapter(out if resume else adapter, cola_strategy)
-    model = load_model(base_path, start_adapter, ctx, grad_checkpointing)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise LrsError("the adapter has no trainable parameters")
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    start, records = (restore(resumed, out, optimizer, settings, ctx) if resumed is not None else (0, []))
-    if resumed is None:
-        torch.manual_seed(seed + ctx.rank)  # dropout streams; a resumed run restores them instead
-    engine = _wrap(model, ctx)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    plt = pyplot()
-
-    def evaluate() -> float:
-        return evaluate_loss(model, eval_set, batch_size, pad_id, ctx)
-
-    def save(step: int, keep_others: bool) -> None:
-        save_checkpoint(out, start_adapter, model, optimizer, step, records, settings, ctx, plt, keep_others)
-
-    if eval_set is not None and start == 0:
-        records.append({"step": 0, "eval_loss": evaluate()})
-        if ctx.main and on_log:
-            on_log(records[-1])
-    saved, bar, began = start, _bar(total, start, ctx), time.perf_counter()
-    for step in range(start, total):
-        rate = lr_at(step, total, lr, settings["warmup"])
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        t0 = time.perf_counter()
-        batch = [train_set.examples[i] for i in step_indices(len(train_set), step, global_batch, seed)]
-        loss, tokens = train_step(engine, batch, batch_size, pad_id, ctx)
-        grad_norm = float(nn.utils.clip_grad_norm_(trainable, max_grad_norm))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise LrsError(f"loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; stopped, {_kept(out, saved)}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "epoch": round((step + 1) * global_batch / len(train_set), 4), "loss": loss,
-                  "lr": rate, "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0)}
-        if eval_set is not None and ((step + 1) % eval_every == 0 or step + 1 == total):
-            record["eval_loss"] = evaluate()
-        records.append(record)
-        if ctx.main and on_log:
-            on_log(record)
+def _loop(run: Run, on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """Optimizer steps from run.start to the end, with evaluation, logging and checkpoints as the config asks."""
+    config = run.config
+    if run.eval_set is not None and run.start == 0:
+        _log(run, {"step": 0, "eval_loss": _evaluate(run)}, on_log)
+    bar, began = _bar(config.steps, run.start, run.ctx), time.perf_counter()
+    for step in range(run.start, config.steps):  # 0-based here; records and checkpoints count steps done
+        done = step + 1
+        record = _optimizer_step(run, step)
+        if run.eval_set is not None and _due(done, config.eval_every, config.steps):
+            record["eval_loss"] = _evaluate(run)
+        _log(run, record, on_log)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (step + 1) % save_every == 0 or step + 1 == total:
-            if not all(bool(torch.isfinite(p).all()) for p in trainable):  # a finite loss can precede them
-                raise LrsError(f"adapter parameters hold NaN or Inf after step {step + 1} (learning rate or weight "
-                               f"decay too large?); stopped, {_kept(out, saved)}")
-            save(step + 1, keep_others=resume or saved > 0)
-            saved = step + 1
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if _due(done, config.save_every, config.steps):
+            _checkpoint(run, done)
     if bar is not None:
         bar.close()
-    return summarize(out, records, train_set, eval_set, start, total, trainable, ctx, time.perf_counter() - began,
-                     plotted=plt is not None)
+    return summarize(run, time.perf_counter() - began)
+
+
+def _optimizer_step(run: Run, step: int) -> dict[str, Any]:
+    """Step `step` (0-based): the global batch forward and backward, clipping, AdamW at the scheduled learning
+    rate; returns the step's metrics record."""
+    config = run.config
+    rate = lr_at(step, config.steps, config.lr, config.warmup)
+    for group in run.optimizer.param_groups:
+        group["lr"] = rate
+    began = time.perf_counter()
+    indices = step_indices(len(run.train_set), step, config.global_batch, config.seed)
+    loss, tokens = train_step(run.engine, [run.train_set.examples[i] for i in indices], config.batch_size, run.pad_id,
+                              run.ctx)
+    grad_norm = float(nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise LrsError(f"loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; stopped, {_kept(run)}")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "epoch": round((step + 1) * config.global_batch / len(run.train_set), 4), "loss": loss,
+            "lr": rate, "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - began)}
+
+
+def _due(done: int, every: int, last: int) -> bool:
+    """Whether a periodic task is due after `done` steps: every `every` steps, and after the last."""
+    return done % every == 0 or done == last
+
+
+def _evaluate(run: Run) -> float:
+    """The evaluation loss of the model as it is now."""
+    return evaluate_loss(run.model, run.eval_set, run.config.batch_size, run.pad_id, run.ctx)
+
+
+def _log(run: Run, record: dict[str, Any], on_log: Callable[[dict[str, Any]], None] | None) -> None:
+    """Keep the record for metrics.jsonl and hand it to on_log (on rank 0)."""
+    run.records.append(record)
+    if run.ctx.main and on_log:
+        on_log(record)
+
+
+def _checkpoint(run: Run, step: int) -> None:
+    """Save step `step` in OUT, unless the adapter's parameters stopped being finite."""
+    if not all(bool(torch.isfinite(p).all()) for p in run.trainable):  # a finite loss can precede them
+        raise LrsError(f"adapter parameters hold NaN or Inf after step {step} (learning rate or weight "
+                       f"decay too large?); stopped, {_kept(run)}")
+    save_checkpoint(run, step, keep_others=run.config.resume or run.saved > 0)
+    run.saved = step
 
 
 def _interrupted(out: Path) -> KeyboardInterrupt:
@@ -192,31 +270,9 @@ def _interrupted(out: Path) -> KeyboardInterrupt:
     return KeyboardInterrupt(f"interrupted; {out} keeps its checkpoint of step {step}")
 
 
-def _kept(out: Path, saved: int) -> str:
+def _kept(run: Run) -> str:
     """What a stopped run leaves in OUT."""
-    return f"{out} keeps the last good checkpoint (step {saved})" if saved else "no checkpoint was written"
-
-
-FLOAT32_MAX = torch.finfo(torch.float32).max  # the optimizer's float32 steps overflow past it: "finite" means below
-
-
-def _check_args(out: Path, resume: bool, force: bool, steps, epochs, inputs: Sequence[object],
-                positive: dict[str, float | None], non_negative: dict[str, float | None], seed: int) -> None:
-    if resume and not (out / STATE_DIR / "state.json").is_file():
-        raise LrsError(f"--resume: {out} holds no training checkpoint ({STATE_DIR}/state.json)")
-    if resume:  # the checkpoint replaces only lrs's own files in OUT; ADAPTER is not read (OUT holds it)
-        check_output(out, True, inputs[1:], replaces=OUTPUTS)
-    else:
-        check_output(out, force, inputs)
-    if steps is not None and epochs is not None:
-        raise LrsError("give --steps or --epochs, not both")
-    for name, value in positive.items():
-        if value is not None and not 0 < value <= FLOAT32_MAX:  # also refuses nan
-            raise LrsError(f"{name} must be positive and finite, got {value}")
-    for name, value in non_negative.items():
-        if value is not None and not 0 <= value <= FLOAT32_MAX:
-            raise LrsError(f"{name} must be at least 0 and finite, got {value}")
-    check_seed(seed)
+    return f"{run.out} keeps the last good checkpoint (step {run.saved})" if run.saved else "no checkpoint was written"
 
 
 # ---------------------------------------------------------------------------- setup
@@ -240,6 +296,40 @@ def _setup_distributed(device: str) -> Context:
     return Context(rank, world, dev)
 
 
+def _prepare(ctx: Context, adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: str | os.PathLike,
+             out: Path, config: TrainConfig) -> Run:
+    """Load the data, the base with the adapter attached, the optimizer and, resuming, the checkpoint's state."""
+    if config.batch_size % ctx.world:
+        raise LrsError(f"--batch-size {config.batch_size} must be a multiple of the number of processes ({ctx.world})")
+    ckpt = Checkpoint(base, allow_pickle=config.allow_pickle)  # the one resolver: pickles only when allowed
+    ckpt.require_unquantized()  # transformers would load it quantized, or not at all on a CPU
+    tokenizer = load_tokenizer(ckpt.path)
+    train_set = load_dataset(data, tokenizer, config.seq_len, config.packing)
+    eval_set = load_dataset(config.eval_data, tokenizer, config.seq_len, config.packing) if config.eval_data else None
+    config = config.for_data(len(train_set))
+    resumed = read_resume_state(out) if config.resume else None  # checked before the (slow) model load
+    start_adapter = _start_adapter(adapter, out, config)
+    model = load_model(ckpt.path, start_adapter, ctx, config.grad_checkpointing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise LrsError("the adapter has no trainable parameters")
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    if resumed is not None:
+        start, records = restore(resumed, out, optimizer, checkpoint_settings(config, train_set), ctx)
+    else:
+        start, records = 0, []
+        torch.manual_seed(config.seed + ctx.rank)  # dropout streams; a resumed run restores them instead
+    return Run(ctx, config, out, start_adapter, model, _wrap(model, ctx), trainable, optimizer, train_set, eval_set,
+               _pad_id(tokenizer), pyplot(), start, records, saved=start)
+
+
+def _start_adapter(adapter: str | os.PathLike | Adapter, out: Path, config: TrainConfig) -> Adapter:
+    """The adapter to train from: ADAPTER, or the checkpoint's in OUT when resuming."""
+    if isinstance(adapter, Adapter) and not config.resume:
+        return adapter
+    return load_adapter(out if config.resume else adapter, config.cola_strategy)
+
+
 def load_tokenizer(base: Path):
     from transformers import AutoTokenizer
 
@@ -250,6 +340,11 @@ def load_tokenizer(base: Path):
     if not tokenizer("Hello world")["input_ids"]:  # transformers 5 builds an empty tokenizer when files are missing
         raise LrsError(f"{base}: no usable tokenizer (it encodes text to no tokens; are its tokenizer files missing?)")
     return tokenizer
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """The id collate pads with: the tokenizer's padding token, else its end of sequence, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def load_model(base: Path, adapter: Adapter, ctx: Context, grad_checkpointing: bool) -> nn.Module:
@@ -353,29 +448,63 @@ def evaluate_loss(model: nn.Module, data: Dataset, batch_size: int, pad_id: int,
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, adapter: Adapter, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    records: list[dict], settings: dict, ctx: Context, plt: Any, keep_others: bool) -> None:
-    """Rewrite OUT atomically: adapter files, metrics, plot (with pyplot `plt`), card and the state needed to resume.
+def checkpoint_settings(config: TrainConfig, train_set: Dataset) -> dict[str, Any]:
+    """The settings a checkpoint stores: the config's, and the training data's fingerprint as "data"."""
+    return {**config.to_json(), "data": train_set.fingerprint}
+
+
+def save_checkpoint(run: Run, step: int, keep_others: bool) -> None:
+    """Rewrite OUT atomically: adapter files, metrics, plot, card and the state needed to resume.
     keep_others: keep what else OUT holds (else OUT is replaced whole, as --force asks of a new run)."""
-    rng = _gather_rng(ctx)
-    if not ctx.main:
+    rng = _gather_rng(run.ctx)  # every process takes part
+    if not run.ctx.main:
         return
-    trained = Adapter(adapter.config, trained_weights(model))
+    trained = Adapter(run.adapter.config, trained_weights(run.model))
+    with atomic_output(run.out, force=True, replaces=OUTPUTS if keep_others else None) as tmp:
+        _write_adapter_and_metrics(tmp, trained, run.records, run.plt)
+        _write_trainer_state(tmp / STATE_DIR, run.optimizer, rng, step, checkpoint_settings(run.config, run.train_set),
+                             run.ctx.world)
+
+
+def _write_adapter_and_metrics(directory: Path, trained: Adapter, records: list[dict], plt: Any) -> None:
+    """metrics.jsonl, the loss plot (with pyplot `plt`, unless None), the adapter and its card."""
+    (directory / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
+    images = []
+    if plt is not None:
+        plot_losses(records, directory / PLOT, plt)
+        images = [PLOT]
+    write_adapter_files(trained, directory, adapter_card(trained, metrics=read_metrics(directory), images=images))
+
+
+def _write_trainer_state(state: Path, optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor], step: int,
+                         settings: dict[str, Any], world: int) -> None:
+    """The `.trainer/` directory: optimizer tensors, every process's RNG state, and state.json."""
     tensors, groups = _optimizer_tensors(optimizer)
-    with atomic_output(out, force=True, replaces=OUTPUTS if keep_others else None) as tmp:
-        (tmp / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
-        images = []
-        if plt is not None:
-            plot_losses(records, tmp / PLOT, plt)
-            images = [PLOT]
-        write_adapter_files(trained, tmp, adapter_card(trained, metrics=read_metrics(tmp), images=images))
-        state = tmp / STATE_DIR
-        state.mkdir()
-        save_tensors({k: t.reshape(t.shape or (1,)) for k, t in tensors.items()}, state / "optimizer.safetensors")
-        save_tensors(rng, state / "rng.safetensors")
-        scalars = sorted(k for k, t in tensors.items() if t.dim() == 0)  # stored with shape [1]
-        (state / "state.json").write_text(json.dumps({"step": step, "settings": settings, "param_groups": groups,
-                                                      "scalars": scalars, "world_size": ctx.world}, indent=2) + "\n")
+    state.mkdir()
+    save_tensors({k: t.reshape(t.shape or (1,)) for k, t in tensors.items()}, state / "optimizer.safetensors")
+    save_tensors(rng, state / "rng.safetensors")
+    scalars = sorted(k for k, t in tensors.items() if t.dim() == 0)  # stored with shape [1]
+    (state / "state.json").write_text(json.dumps({"step": step, "settings": settings, "param_groups": groups,
+                                                  "scalars": scalars, "world_size": world}, indent=2) + "\n")
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The optimizer state as flat `<param index>.<name>` tensors plus its JSON-able parameter groups."""
+    sd = optimizer.state_dict()
+    tensors = {f"{i}.{name}": torch.as_tensor(v).detach().cpu() for i, s in sd["state"].items() for name, v in s.items()}
+    return tensors, sd["param_groups"]
+
+
+def _gather_rng(ctx: Context) -> dict[str, torch.Tensor]:
+    """Every process's torch RNG state (CPU, and CUDA when used), keyed by rank."""
+    mine = {"cpu": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    states = [mine]
+    if ctx.world > 1:
+        states = [None] * ctx.world
+        torch.distributed.all_gather_object(states, mine)
+    return {f"{kind}.{rank}": t for rank, s in enumerate(states) for kind, t in s.items()}
 
 
 @dataclass
@@ -389,6 +518,16 @@ class ResumeState:
     records: list[dict[str, Any]]
 
 
+STATE_FIELDS: dict[str, Field] = {  # state.json, as save_checkpoint writes it
+    "step": (lambda value: type(value) is int and value >= 0, "an integer, at least 0"),
+    "settings": (lambda value: isinstance(value, dict) and type(value.get("seed")) is int,
+                 "an object with an integer seed"),
+    "param_groups": (lambda value: isinstance(value, list) and all(map(_is_adamw_group, value)),
+                     "a list of AdamW parameter groups"),
+    "scalars": (lambda value: isinstance(value, list), "a list"),
+}
+
+
 def read_resume_state(out: Path) -> ResumeState:
     """The one check of a checkpoint for --resume: LrsError naming the part of OUT that is missing or malformed."""
     state_dir = out / STATE_DIR
@@ -396,34 +535,33 @@ def read_resume_state(out: Path) -> ResumeState:
         if not (state_dir / name).is_file():
             raise LrsError(f"--resume: {state_dir / name} is missing; the checkpoint in {out} is incomplete")
     state = read_json_object(state_dir / "state.json")
-    _check_state_fields(state, state_dir / "state.json")
+    check_fields({name: state.get(name) for name in STATE_FIELDS}, STATE_FIELDS,
+                 f"{state_dir / 'state.json'}: malformed or missing ")
+    per_param = _read_optimizer_tensors(state_dir / "optimizer.safetensors", state["scalars"])
+    records = _read_records(out / METRICS)
+    return ResumeState(state["step"], state["settings"], {"state": per_param, "param_groups": state["param_groups"]},
+                       _read_rng(state_dir / "rng.safetensors"), [r for r in records if r["step"] <= state["step"]])
+
+
+def _read_optimizer_tensors(path: Path, scalars: list[str]) -> dict[int, dict[str, torch.Tensor]]:
+    """optimizer.safetensors back as {parameter index: {name: tensor}}, the `scalars` with their shape () again."""
     per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_tensors(state_dir / "optimizer.safetensors").items():
+    for key, tensor in load_tensors(path).items():
         index, _, name = key.partition(".")
         if not (index.isdigit() and name):
-            raise LrsError(f"{state_dir / 'optimizer.safetensors'}: key {key!r} is not <parameter index>.<name>")
-        per_param.setdefault(int(index), {})[name] = tensor.reshape(()) if key in state["scalars"] else tensor
-    rng = load_tensors(state_dir / "rng.safetensors")
+            raise LrsError(f"{path}: key {key!r} is not <parameter index>.<name>")
+        per_param.setdefault(int(index), {})[name] = tensor.reshape(()) if key in scalars else tensor
+    return per_param
+
+
+def _read_rng(path: Path) -> dict[str, torch.Tensor]:
+    """rng.safetensors, its CPU states checked to be torch's."""
+    rng = load_tensors(path)
     size = torch.get_rng_state().numel()
     bad = next((k for k, t in rng.items() if k.startswith("cpu.") and (t.dtype != torch.uint8 or t.numel() != size)), None)
     if bad is not None:
-        raise LrsError(f"{state_dir / 'rng.safetensors'}: {bad} is not a CPU random state ({size} bytes)")
-    records = _read_records(out / METRICS)
-    return ResumeState(state["step"], state["settings"], {"state": per_param, "param_groups": state["param_groups"]},
-                       rng, [r for r in records if r["step"] <= state["step"]])
-
-
-def _check_state_fields(state: dict, where: Path) -> None:
-    groups = state.get("param_groups")
-    checks = {
-        "step": type(state.get("step")) is int and state["step"] >= 0,
-        "settings": isinstance(state.get("settings"), dict) and type(state["settings"].get("seed")) is int,
-        "param_groups": isinstance(groups, list) and all(_is_adamw_group(g) for g in groups),
-        "scalars": isinstance(state.get("scalars"), list),
-    }
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise LrsError(f"{where}: malformed or missing {', '.join(bad)}")
+        raise LrsError(f"{path}: {bad} is not a CPU random state ({size} bytes)")
+    return rng
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -435,21 +573,6 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     if bad is not None:
         raise LrsError(f"{path}: record {bad} has no integer step")
     return records
-
-
-def restore(state: ResumeState, out: Path, optimizer: torch.optim.Optimizer, settings: dict,
-            ctx: Context) -> tuple[int, list[dict]]:
-    """Load the checkpoint's optimizer and RNG state; returns the step to continue from and the metrics so far."""
-    changed = [f"{k} {settings[k]} (checkpoint: {state.settings.get(k)})" for k in STREAM_SETTINGS
-               if state.settings.get(k) != settings[k]]
-    if changed:
-        raise LrsError(f"--resume needs the checkpoint's settings, but these differ: {', '.join(changed)}")
-    try:
-        optimizer.load_state_dict(state.optimizer)
-    except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # torch's kinds for a state of another shape
-        raise LrsError(f"{out / STATE_DIR}: optimizer state does not match the adapter ({exc})") from None
-    _set_rng(state.rng, ctx, state.settings["seed"] + state.step)
-    return state.step, state.records
 
 
 def _is_adamw_group(group: Any) -> bool:
@@ -475,23 +598,25 @@ def _same_kind(value: Any, like: Any) -> bool:
     return True
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """The optimizer state as flat `<param index>.<name>` tensors plus its JSON-able parameter groups."""
-    sd = optimizer.state_dict()
-    tensors = {f"{i}.{name}": torch.as_tensor(v).detach().cpu() for i, s in sd["state"].items() for name, v in s.items()}
-    return tensors, sd["param_groups"]
+def restore(state: ResumeState, out: Path, optimizer: torch.optim.Optimizer, settings: dict[str, Any],
+            ctx: Context) -> tuple[int, list[dict]]:
+    """Load the checkpoint's optimizer and RNG state, once this run's checkpoint_settings (`settings`) agree with
+    the checkpoint's; returns the step to continue from and the metrics so far."""
+    _check_unchanged(state.settings, settings)
+    try:
+        optimizer.load_state_dict(state.optimizer)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # torch's kinds for a state of another shape
+        raise LrsError(f"{out / STATE_DIR}: optimizer state does not match the adapter ({exc})") from None
+    _set_rng(state.rng, ctx, state.settings["seed"] + state.step)
+    return state.step, state.records
 
 
-def _gather_rng(ctx: Context) -> dict[str, torch.Tensor]:
-    """Every process's torch RNG state (CPU, and CUDA when used), keyed by rank."""
-    mine = {"cpu": torch.get_rng_state()}
-    if ctx.device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(ctx.device)
-    states = [mine]
-    if ctx.world > 1:
-        states = [None] * ctx.world
-        torch.distributed.all_gather_object(states, mine)
-    return {f"{kind}.{rank}": t for rank, s in enumerate(states) for kind, t in s.items()}
+def _check_unchanged(checkpoint: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Refuse a resume whose settings marked must_match, or whose training data, differ from the checkpoint's."""
+    changed = [f"{k} {settings[k]} (checkpoint: {checkpoint.get(k)})" for k in (*TrainConfig.must_match(), "data")
+               if checkpoint.get(k) != settings[k]]
+    if changed:
+        raise LrsError(f"--resume needs the checkpoint's settings, but these differ: {', '.join(changed)}")
 
 
 def _set_rng(states: dict[str, torch.Tensor], ctx: Context, fallback_seed: int) -> None:
@@ -504,6 +629,7 @@ def _set_rng(states: dict[str, torch.Tensor], ctx: Context, fallback_seed: int) 
         torch.cuda.set_rng_state(states[f"cuda.{ctx.rank}"], ctx.device)
 
 
+# ---------------------------------------------------------------------------- plot and summary
 def pyplot() -> Any:
     """matplotlib.pyplot drawing to files, or None when matplotlib is not installed (the plot is optional)."""
     try:
@@ -532,14 +658,14 @@ def plot_losses(records: list[dict], path: Path, plt: Any) -> None:
     plt.close(fig)
 
 
-def summarize(out: Path, records: list[dict], train_set: Dataset, eval_set: Dataset | None, start: int, total: int,
-              trainable: list[torch.Tensor], ctx: Context, seconds: float, plotted: bool) -> dict[str, Any]:
+def summarize(run: Run, seconds: float) -> dict[str, Any]:
     """What the run did, for the CLI and for scripts."""
+    records, start = run.records, run.start
     ran = [r for r in records if r["step"] > start and "loss" in r]
     last = lambda key: next((r[key] for r in reversed(records) if key in r), None)  # noqa: E731
-    return {"out": str(out), "steps": total, "resumed_from": start, "examples": len(train_set),
-            "truncated": train_set.truncated, "dropped": train_set.dropped,
-            "eval_examples": len(eval_set) if eval_set else None, "loss": last("loss"), "eval_loss": last("eval_loss"),
-            "trainable_parameters": sum(p.numel() for p in trainable), "processes": ctx.world,
-            "seconds": round(seconds, 2), "notes": [] if plotted else [NO_PLOT],
+    return {"out": str(run.out), "steps": run.config.steps, "resumed_from": start, "examples": len(run.train_set),
+            "truncated": run.train_set.truncated, "dropped": run.train_set.dropped,
+            "eval_examples": len(run.eval_set) if run.eval_set else None, "loss": last("loss"),
+            "eval_loss": last("eval_loss"), "trainable_parameters": sum(p.numel() for p in run.trainable),
+            "processes": run.ctx.world, "seconds": round(seconds, 2), "notes": [] if run.plt is not None else [NO_PLOT],
             "tokens_per_s": round(sum(r["tokens_per_s"] for r in ran) / len(ran), 1) if ran else None}

@@ -17,7 +17,7 @@ import lowrank_surgery as lrs
 from lowrank_surgery import train as train_module
 from lowrank_surgery.data import collate, load_dataset, step_indices
 from lowrank_surgery.errors import LrsError
-from lowrank_surgery.train import STATE_DIR, train
+from lowrank_surgery.train import STATE_DIR, TrainConfig, train
 
 from conftest import assert_one_line_error, fill, load_causal_lm, pickled_copy
 from train_fixtures import chat_models, char_tokenizer  # noqa: F401  (fixture)
@@ -145,6 +145,17 @@ def test_resume_gives_the_uninterrupted_losses(setup, tmp_path):
     assert losses(cut) == losses(straight)  # exactly, not approximately
     a, b = lrs.load_adapter(cut), lrs.load_adapter(straight)
     assert all(torch.equal(a.weights[m][n], b.weights[m][n]) for m in a.weights for n in a.weights[m])
+
+
+def test_a_config_is_saved_whole_with_each_checkpoint(setup, tmp_path):
+    """train() takes a TrainConfig as well as keywords; state.json keeps every setting, steps and warmup settled."""
+    config = TrainConfig(epochs=0.5, batch_size=4, seq_len=16, eval_every=3, seed=2)
+    train(setup["adapter"], setup["base"], setup["data"], tmp_path / "out", config, device="cpu")
+    saved = json.loads((tmp_path / "out" / STATE_DIR / "state.json").read_text())["settings"]
+    assert TrainConfig(**{k: v for k, v in saved.items() if k != "data"}) == TrainConfig(
+        steps=5, warmup=0, batch_size=4, seq_len=16, eval_every=3, seed=2, device="cpu")  # 0.5 x 36 examples / 4
+    assert TrainConfig.must_match() == ("steps", "lr", "batch_size", "grad_accum", "seq_len", "warmup",
+                                        "weight_decay", "max_grad_norm", "packing", "seed")
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
@@ -316,6 +327,8 @@ TRAIN_BAD = {  # expected message -> arguments after `lrs train` (--out a fresh 
     "optimizer.safetensors: key 'step' is not <parameter index>.<name>": ["{resume}", "{root}/optimizer-keys"],
     "rng.safetensors: cpu.0 is not a CPU random state": ["{resume}", "{root}/rng-size"],
     "no-optimizer/.trainer/optimizer.safetensors is missing; the checkpoint in": ["{resume}", "{root}/no-optimizer"],
+    "--resume needs the checkpoint's settings, but these differ: lr 1.0 (checkpoint: 0.0002)": [
+        "{resume}", "{root}/run", "--lr", "1"],
 }
 
 
