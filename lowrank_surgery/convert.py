@@ -31,6 +31,7 @@ from .formats.gguf import family_of, write_gguf
 from .formats.kohya import read_kohya, write_kohya
 from .formats.mlx import read_mlx, write_mlx
 from .methods import METHODS
+from .svd import lowrank_factors
 from .targets import Target, linear_targets, load_weight
 
 FORMATS = ("peft-lora", "peft-miss", "kohya", "mlx", "cola", "gguf")
@@ -151,11 +152,8 @@ def _relative(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 def _truncate(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Rank-r SVD of ΔW as (B = U·S, A = Vh) and its relative Frobenius error."""
-    from .svd import truncated_svd
-
-    u, s, vh = truncated_svd([delta], rank, algorithm="exact", device="cpu")[0]
-    b = (u * s).contiguous()
-    return b, vh.contiguous(), _relative(delta, b @ vh)
+    b, a = lowrank_factors([delta], rank, algorithm="exact", device="cpu")[0]
+    return b, a, _relative(delta, b @ a)
 
 
 def _converted_fields(adapter: Adapter, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from .checkpoint import Checkpoint, check_output
 from .errors import LrsError, warn
 from .methods import get_method
 from .progress import progress
+from .svd import split_factors, truncated_svd
 from .targets import Target, compact_names, load_weight, select_targets
 
 
@@ -259,7 +260,8 @@ def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rule: RankRul
         for (t, d), (u, s, vh) in zip(diffs, _svds([d for _, d in diffs], rule, algorithm, niter, device)):
             squared = float(d.double().square().sum())
             r, capped = rule.choose(s, squared, min(d.shape))
-            weights[t.path] = _factors(u[:, :r], s[:r], vh[:r], distribute_scale)
+            b, a = split_factors(u[:, :r], s[:r], vh[:r], distribute_scale)
+            weights[t.path] = {"lora_A.weight": a, "lora_B.weight": b}
             energy = min(1.0, float(s[:r].double().square().sum()) / squared)
             rows.append({"module": t.path, "shape": f"{t.out_features}x{t.in_features}", "rank": r, "energy": energy,
                          "error": math.sqrt(1.0 - energy), "squared": squared, "capped": capped})
@@ -269,8 +271,6 @@ def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rule: RankRul
 def _svds(diffs: list[Tensor], rule: RankRule, algorithm: str, niter: int, device: str
           ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Each difference's leading singular triplets, as many as the rule needs; one batched call per count."""
-    from .svd import truncated_svd
-
     counts = [rule.svd_rank(*d.shape) for d in diffs]
     svds: list[tuple[Tensor, Tensor, Tensor]] = [None] * len(diffs)  # type: ignore[list-item]
     for count in dict.fromkeys(counts):
@@ -279,14 +279,6 @@ def _svds(diffs: list[Tensor], rule: RankRule, algorithm: str, niter: int, devic
         for k, svd in zip(picked, found):
             svds[k] = svd
     return svds
-
-
-def _factors(u: Tensor, s: Tensor, vh: Tensor, distribute_scale: bool) -> dict[str, Tensor]:
-    """LoRA factors with B·A = U·diag(S)·Vh: S on B (mergekit's split) or √S on each (balanced)."""
-    if distribute_scale:
-        root = s.sqrt()
-        return {"lora_A.weight": (root[:, None] * vh).contiguous(), "lora_B.weight": (u * root).contiguous()}
-    return {"lora_A.weight": vh.contiguous(), "lora_B.weight": (u * s).contiguous()}
 
 
 def _set_ranks(config: AdapterConfig, ranks: dict[str, int], modules: Sequence[str]) -> None:
