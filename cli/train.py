@@ -7,9 +7,11 @@ from pathlib import Path
 
 import typer
 
-from .. import progress
-from ..train import TrainConfig, train as train_adapter
-from .base import ALLOW_PICKLE, COLA_STRATEGY, STATE, ColaStrategy, app, print_json, say, strategy_value, warn
+from lowrank_surgery import progress
+from lowrank_surgery.train import TrainConfig, train as train_adapter
+
+from .base import (ALLOW_PICKLE, COLA_STRATEGY, DEVICE, FORCE, JSON, STATE, ColaStrategy, app, print_json, say,
+                   strategy_value, warn)
 
 
 @app.command(epilog="Example: lrs train lora-adapter --base ./SmolLM2-135M --data train.jsonl --out trained "
@@ -35,12 +37,12 @@ def train(
     packing: bool = typer.Option(False, "--packing", help="Concatenate examples into full --seq-len rows."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Trade compute for memory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out exactly."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    force: bool = FORCE,
     seed: int = typer.Option(0, "--seed", help="Seed for data order and dropout."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = DEVICE,
     cola_strategy: ColaStrategy = COLA_STRATEGY,
     allow_pickle: bool = ALLOW_PICKLE,
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = JSON,
 ) -> None:
     """Train an adapter (any method) with AdamW, warmup + cosine, accumulation, clipping and checkpoints."""
     config = TrainConfig(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import LrsError
-from .llamacpp import FAMILIES
+from .formats.gguf import FAMILIES
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard

@@ -9,56 +9,33 @@ at --rank, which is lossy and reported. The plain-LoRA result is then written as
   so that PEFT's α/r reproduces each module's scale exactly. (llama.cpp's convert_lora_to_gguf.py reads
   only the global `lora_alpha` and takes r from each tensor's shape: rank_pattern is fine there,
   alpha_pattern is not.)
-- kohya: OUT/adapter_model.safetensors with `<prefix><path with . -> _>.lora_down.weight` (r × in),
-  `.lora_up.weight` (out × r) and `.alpha` (0-d), ΔW = (alpha/r)·up·down, as kohya-ss sd-scripts'
-  networks/lora.py writes (alpha 0 or absent means alpha = r; it may be saved as fp16/bf16/int64).
-  kohya's prefixes name diffusion parts (`lora_unet_`, `lora_te_`, `lora_te1_`, ...) and no LLM tool
-  defines one, so lrs writes the text-encoder prefix `lora_te_` (an LLM is a text model) and reads any
-  prefix. The header metadata carries kohya's `ss_network_*` fields and `lrs_modules` (kohya name ->
-  module path), so that lrs reads its own files back without the base.
-- mlx: OUT/adapters.safetensors with `<path>.lora_a` (in × r) and `.lora_b` (r × out), and an
-  adapter_config.json with fine_tune_type, num_layers, lora_parameters {rank, scale, dropout, keys},
-  as mlx-lm's tuner reads them: LoRALinear computes y += scale·(x·lora_a)·lora_b with `scale` a plain
-  multiplier (mlx-lm's default 20.0), not α/r; linear_to_lora_layers wraps `keys` (paths relative to a
-  layer) in the last `num_layers` layers (-1: all). mlx-lm has one rank and one scale per adapter:
-  smaller ranks are zero-padded and other scales folded into lora_b (exact). Paths are the checkpoint's,
-  which are mlx-lm's for Llama-style models (model.layers.N...); architectures that mlx-lm renames
-  (e.g. GPT-2's transformer.h.N) would need their paths mapped.
-- gguf: llama.cpp's LoRA adapter file (see llamacpp.py), from the plain LoRA as peft-lora makes it.
+- kohya, mlx, gguf: kohya-ss, mlx-lm and llama.cpp's files, each laid out as its module in `formats/` documents
+  (kohya and mlx are read too, and any adapter lrs reads converts).
 - peft-miss, cola: the FOSSIL and CoLA methods' own formats as their reference code loads them
   (`Method.export_native`): PEFT MiSS (Bone -> MiSS); the original CoLA code's layout (see methods/cola.py).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter, read_config, write_adapter_files
-from .checkpoint import Checkpoint, ModelSource, atomic_output, check_output, read_header, save_tensors
-from .config import CONFIG_FIELDS, NUMBER, POSITIVE_INT, AdapterConfig, check_fields
+from .adapter import CONFIG_NAME, Adapter, load_adapter, read_config, write_adapter_files
+from .checkpoint import Checkpoint, atomic_output, check_output, read_header
 from .errors import LrsError
-from .llamacpp import family_of, write_gguf
+from .formats.common import Pairs, key_layout, lora_adapter
+from .formats.gguf import family_of, write_gguf
+from .formats.kohya import read_kohya, write_kohya
+from .formats.mlx import read_mlx, write_mlx
 from .methods import METHODS
+from .svd import lowrank_factors
 from .targets import Target, linear_targets, load_weight
 
 FORMATS = ("peft-lora", "peft-miss", "kohya", "mlx", "cola", "gguf")
 NATIVE = {"peft-miss": "MISS", "cola": "COLA"}  # formats that are a method's own on-disk layout
-KOHYA_PREFIX = "lora_te_"
-KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
-MLX_WEIGHTS = "adapters.safetensors"
-MLX_SUFFIXES = {".lora_a": "lora_a", ".lora_b": "lora_b"}
-MLX_FIELDS = {"scale": NUMBER, "rank": POSITIVE_INT, "dropout": CONFIG_FIELDS["lora_dropout"]}
-
-Pairs = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (B, A, s) with ΔW = s·B·A
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -72,7 +49,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if p.is_dir() and (p / CONFIG_NAME).is_file():
         return "mlx" if "lora_parameters" in read_config(p) else "peft"
     file = _single_safetensors(p)
-    _key_layout(read_header(file)[0], file, "kohya")
+    key_layout(read_header(file)[0], file, "kohya")
     return "kohya"
 
 
@@ -83,20 +60,6 @@ def _single_safetensors(p: Path) -> Path:
     if len(files) != 1:
         raise LrsError(f"{p}: not an adapter (no {CONFIG_NAME}, and {len(files)} .safetensors files instead of one)")
     return files[0]
-
-
-def _key_layout(keys, file: Path, expected: str) -> None:
-    """All keys follow the `expected` layout (kohya or mlx), else say which layouts were found."""
-    layouts = {"kohya": KOHYA_SUFFIXES, "mlx": MLX_SUFFIXES,
-               "peft": {".lora_A.weight": 1, ".lora_B.weight": 1, ".miss_block": 1, ".bone_block": 1}}
-    found: dict[str, list[str]] = {}
-    for key in keys:
-        kind = next((name for name, sfx in layouts.items() if key.endswith(tuple(sfx))), "unknown")
-        found.setdefault(kind, []).append(key)
-    if set(found) != {expected}:
-        seen = "; ".join(f"{len(v)} {k} key(s), e.g. {v[0]}" for k, v in found.items()) or "no tensors"
-        raise LrsError(f"{file}: {'mixed' if len(found) > 1 else 'unrecognised'} adapter key layout: {seen} "
-                       f"(expected only {expected} keys)")
 
 
 def read_adapter(path: str | os.PathLike, base: Checkpoint | None = None, cola_strategy: str | None = None
@@ -112,157 +75,7 @@ def read_adapter(path: str | os.PathLike, base: Checkpoint | None = None, cola_s
     return (*read_kohya(_single_safetensors(Path(path)), base),)  # type: ignore[return-value]
 
 
-def read_kohya(file: Path, base: Checkpoint | None = None) -> tuple[Adapter, str, list[str]]:
-    """A kohya-style LoRA file; module paths from the base's names, else from lrs's `lrs_modules` metadata."""
-    tensors = _load(file)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        suffix = next(s for s in KOHYA_SUFFIXES if key.endswith(s))
-        groups.setdefault(key[: -len(suffix)], {})[KOHYA_SUFFIXES[suffix]] = t
-    resolve = _kohya_resolver(file, base)
-    pairs: Pairs = {}
-    missing_alpha = []
-    for name, parts in groups.items():
-        if "down" not in parts or "up" not in parts:
-            raise LrsError(f"{file}: kohya module {name} lacks its lora_{'up' if 'down' in parts else 'down'}.weight")
-        up, down = _linear_pair(file, name, parts["up"], parts["down"])
-        r = down.shape[0]
-        if "alpha" not in parts:
-            missing_alpha.append(name)
-        alpha = _kohya_alpha(file, name, parts["alpha"]) if "alpha" in parts else 0.0
-        pairs[resolve(name)] = (up, down, (alpha or r) / r)
-    warnings = [f"{len(missing_alpha)} kohya module(s) have no .alpha (e.g. {missing_alpha[0]}): using alpha = r"] \
-        if missing_alpha else []
-    return lora_adapter(pairs, _plain_config(base)), "kohya", warnings
-
-
-def _kohya_alpha(file: Path, name: str, alpha: torch.Tensor) -> float:
-    """A module's .alpha: one finite number (a 0-d float32, fp16/bf16 from --save_precision, or int64); 0 means r."""
-    value = float(alpha.reshape(-1)[0]) if alpha.numel() == 1 else math.nan
-    if not math.isfinite(value):
-        raise LrsError(f"{file}: kohya module {name} has .alpha {alpha.tolist()}, not one finite number")
-    return value
-
-
-def _linear_pair(file: Path, name: str, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two factors of a linear LoRA whose product left·right is defined (kohya up·down, mlx-lm lora_a·lora_b)."""
-    if left.dim() != 2 or right.dim() != 2:
-        raise LrsError(f"{file}: module {name} has factors of shapes {list(left.shape)} and {list(right.shape)}; only "
-                       "linear (2-D) LoRA converts, not kohya Conv2d or mlx-lm SwitchLinear (expert) adapters")
-    if left.shape[1] != right.shape[0]:
-        raise LrsError(f"{file}: module {name} has factors of ranks {left.shape[1]} and {right.shape[0]} "
-                       f"(shapes {list(left.shape)}, {list(right.shape)})")
-    return left, right
-
-
-def _load(file: Path) -> dict[str, torch.Tensor]:
-    ckpt = Checkpoint(ModelSource(file, str(file)))
-    return {n: ckpt.get(n) for n in ckpt.names()}
-
-
-def _kohya_resolver(file: Path, base: Checkpoint | None) -> Callable[[str], str]:
-    """kohya name -> module path: the longest base module whose mangled path ends the name after a prefix."""
-    if base is not None:
-        table = {_mangle(t.path): t.path for t in linear_targets(base)}
-        source = f"base {base.source.id}"
-    else:
-        table = _lrs_modules(file)
-        if table is None:
-            raise LrsError(f"{file}: kohya module names use '_' for '.', so lrs needs the base model (--base MODEL) "
-                           "to map them back to module paths")
-        source = "the file's lrs_modules metadata"
-
-    def resolve(name: str) -> str:
-        if name in table:
-            return table[name]
-        for i, ch in enumerate(name):
-            if ch == "_" and name[i + 1:] in table:
-                return table[name[i + 1:]]
-        raise LrsError(f"{file}: kohya module {name} matches no linear module of {source}")
-
-    return resolve
-
-
-def _lrs_modules(file: Path) -> dict[str, str] | None:
-    """The `lrs_modules` metadata lrs writes into kohya files (kohya name -> module path), or None."""
-    text = read_header(file)[1].get("lrs_modules")
-    if not text:
-        return None
-    try:
-        table = json.loads(text)
-    except json.JSONDecodeError:
-        table = None
-    if not (isinstance(table, dict) and all(isinstance(v, str) for v in table.values())):
-        raise LrsError(f"{file}: metadata lrs_modules is not a JSON object of kohya names to module paths")
-    return table
-
-
-def _mangle(path: str) -> str:
-    return path.replace(".", "_")
-
-
-def read_mlx(directory: Path, base: Checkpoint | None = None) -> Adapter:
-    """An mlx-lm LoRA adapter directory: ΔW = scale·lora_bᵀ·lora_aᵀ."""
-    config = read_config(directory)
-    kind = config.get("fine_tune_type", "dora" if config.get("use_dora") else "lora")  # older mlx-lm: use_dora
-    if kind != "lora":
-        raise LrsError(f"{directory}: mlx-lm fine_tune_type {kind!r} is not a LoRA (only 'lora' converts)")
-    params = config.get("lora_parameters") or {}
-    if not isinstance(params, dict) or "scale" not in params:
-        raise LrsError(f"{directory}/{CONFIG_NAME}: lora_parameters has no scale")
-    try:
-        check_fields(params, MLX_FIELDS, "lora_parameters.")
-    except LrsError as exc:
-        raise LrsError(f"{directory / CONFIG_NAME}: {exc}") from None
-    file = directory / MLX_WEIGHTS
-    if not file.is_file():
-        raise LrsError(f"{directory}: no {MLX_WEIGHTS}")
-    tensors = _load(file)
-    _key_layout(tensors, file, "mlx")
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        path, name = key.rsplit(".", 1)
-        groups.setdefault(path, {})[name] = t
-    pairs: Pairs = {}
-    for path, parts in groups.items():
-        if set(parts) != {"lora_a", "lora_b"}:
-            raise LrsError(f"{file}: module {path} lacks {({'lora_a', 'lora_b'} - set(parts)).pop()}")
-        lora_a, lora_b = _linear_pair(file, path, parts["lora_a"], parts["lora_b"])  # in × r, r × out
-        pairs[path] = (lora_b.T, lora_a.T, float(params["scale"]))  # mlx-lm's scale multiplies as is (not α/r)
-    return lora_adapter(pairs, _plain_config(base, dropout=float(params.get("dropout") or 0.0),
-                                             base_model=config.get("model")))
-
-
-def _plain_config(base: Checkpoint | None, dropout: float = 0.0, base_model: str | None = None) -> dict[str, Any]:
-    """Config fields of a LoRA read from a format that carries none."""
-    fields: dict[str, Any] = {"dropout": dropout, "base_model": base_model}
-    if base is not None:
-        fields.update(base_model=base.source.id, fan_in_fan_out=any(t.conv1d for t in linear_targets(base)),
-                      provenance={"base": base.source.id, "base_revision": base.source.revision,
-                                  "base_hash": base.fingerprint()})
-    return fields
-
-
 # ------------------------------------------------------------------------------------------ plain LoRA
-
-
-def lora_adapter(pairs: Pairs, fields: dict[str, Any]) -> Adapter:
-    """A PEFT LoRA with ΔW = s·B·A per module: the common (r, α) globally, the rest in rank/alpha patterns."""
-    ranks = {path: b.shape[1] for path, (b, _, _) in pairs.items()}
-    alphas = {path: _tidy(s * ranks[path]) for path, (_, _, s) in pairs.items()}
-    (r, alpha), _ = Counter((ranks[p], alphas[p]) for p in pairs).most_common(1)[0]
-    config = AdapterConfig(
-        method="lora", r=r, alpha=alpha, target_modules=sorted({p.rsplit(".", 1)[-1] for p in pairs}),
-        rank_pattern={p: k for p, k in ranks.items() if k != r},
-        alpha_pattern={p: a for p, a in alphas.items() if a != alpha}, **fields)
-    weights = {p: {"lora_A.weight": a.contiguous(), "lora_B.weight": b.contiguous()} for p, (b, a, _) in pairs.items()}
-    return Adapter(config, weights)
-
-
-def _tidy(x: float) -> float:
-    """α rounded away from float noise (16.000001 -> 16.0) when that changes it by < 1e-6 relative."""
-    rounded = round(x, 6)
-    return rounded if abs(rounded - x) <= 1e-6 * abs(x) else x
 
 
 def to_lora(adapter: Adapter, base: Checkpoint | None = None, rank: int | None = None,
@@ -339,11 +152,8 @@ def _relative(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 def _truncate(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Rank-r SVD of ΔW as (B = U·S, A = Vh) and its relative Frobenius error."""
-    from .svd import truncated_svd
-
-    u, s, vh = truncated_svd([delta], rank, algorithm="exact", device="cpu")[0]
-    b = (u * s).contiguous()
-    return b, vh.contiguous(), _relative(delta, b @ vh)
+    b, a = lowrank_factors([delta], rank, algorithm="exact", device="cpu")[0]
+    return b, a, _relative(delta, b @ a)
 
 
 def _converted_fields(adapter: Adapter, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -354,55 +164,6 @@ def _converted_fields(adapter: Adapter, rows: list[dict[str, Any]]) -> dict[str,
         provenance["conversion_error"] = lossy
     return {"dropout": c.dropout, "fan_in_fan_out": c.fan_in_fan_out, "base_model": c.base_model,
             "provenance": provenance}
-
-
-# ------------------------------------------------------------------------------------------ writing
-
-
-def write_kohya(adapter: Adapter, directory: Path, prefix: str = KOHYA_PREFIX) -> None:
-    """OUT/adapter_model.safetensors in kohya's lora_down/lora_up/alpha layout."""
-    tensors, modules = {}, {}
-    c = adapter.config
-    for path, params in adapter.weights.items():
-        name = prefix + _mangle(path)
-        modules[name] = path
-        a, b = params["lora_A.weight"], params["lora_B.weight"]
-        alpha = c.scale(path) * a.shape[0]
-        tensors.update({f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b,
-                        f"{name}.alpha": torch.tensor(alpha, dtype=torch.float32)})
-    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(c.r),
-                "ss_network_alpha": str(c.alpha), "lrs_modules": json.dumps(modules)}
-    from safetensors.torch import save_file  # the 0-d alpha tensors need the reference writer
-
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", **metadata})
-
-
-def write_mlx(adapter: Adapter, directory: Path, num_hidden_layers: int | None = None) -> None:
-    """OUT/adapters.safetensors + adapter_config.json as mlx-lm's load_adapters reads them."""
-    c = adapter.config
-    rank = max(params["lora_A.weight"].shape[0] for params in adapter.weights.values())
-    scale = Counter(c.scale(p) for p in adapter.weights).most_common(1)[0][0]
-    tensors = {}
-    for path, params in adapter.weights.items():
-        a, b = params["lora_A.weight"], params["lora_B.weight"] * (c.scale(path) / scale)
-        pad = rank - a.shape[0]  # zero rows/columns leave ΔW unchanged
-        tensors[f"{path}.lora_a"] = torch.nn.functional.pad(a, (0, 0, 0, pad)).T.contiguous()
-        tensors[f"{path}.lora_b"] = torch.nn.functional.pad(b, (0, pad)).T.contiguous()
-    save_tensors(tensors, directory / MLX_WEIGHTS)
-    layers = [_layer_key(p) for p in adapter.weights]
-    first = min((i for i, _ in layers if i is not None), default=None)
-    num_layers = -1 if first is None or num_hidden_layers is None else num_hidden_layers - first
-    config = {"fine_tune_type": "lora", "model": c.base_model, "num_layers": num_layers,
-              "lora_parameters": {"rank": rank, "scale": scale, "dropout": c.dropout,
-                                  "keys": sorted({key for _, key in layers})},
-              "lrs": c.lrs_block()}
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _layer_key(path: str) -> tuple[int | None, str]:
-    """model.layers.3.self_attn.q_proj -> (3, 'self_attn.q_proj'): mlx-lm's keys are relative to a layer."""
-    m = re.match(r"^.*?\.(\d+)\.(.+)$", path)
-    return (int(m.group(1)), m.group(2)) if m else (None, path)
 
 
 # ------------------------------------------------------------------------------------------ convert
@@ -469,5 +230,3 @@ def _write(adapter: Adapter, to: str, directory: Path, base: Checkpoint | None,
         write_mlx(adapter, directory, None if base is None else base.config.get("num_hidden_layers"))
     else:
         write_adapter_files(adapter, directory, config=config)
-
-

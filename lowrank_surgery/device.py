@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
-
 import torch
 
 from .errors import LrsError
 
-_DEFAULT: ContextVar[str] = ContextVar("lrs_default_device", default="auto")
-
-
-@contextlib.contextmanager
-def default_device(device: str | torch.device) -> Iterator[None]:
-    """Within the block, `auto` means `device` (how `init --device` reaches the SVDs of every method)."""
-    resolve_device(device)
-    token = _DEFAULT.set(str(device))
-    try:
-        yield
-    finally:
-        _DEFAULT.reset(token)
-
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto` -> the default_device, else cuda when available, else cpu; refuse cuda when it is not there."""
-    if str(device) == "auto":
-        device = _DEFAULT.get()
+    """`auto` -> cuda when available, else cpu; anything torch.device reads; refuse cuda when it is not there."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from .checkpoint import Checkpoint, check_output
 from .errors import LrsError, warn
 from .methods import get_method
 from .progress import progress
+from .svd import split_factors, truncated_svd
 from .targets import Target, compact_names, load_weight, select_targets
 
 
@@ -141,9 +142,13 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
     weights, rows = _extract(ft, bs, chosen, rule, distribute_scale, algorithm, niter, device)
     if not weights:
         raise LrsError(f"{ft.source.id} and {bs.source.id} have identical weights in every targeted module")
-    changes = other_changes(ft, bs, chosen)
-    if save_changed:
-        kept |= {c.module for c in changes} - {t.path for t in chosen}
+    targeted = {t.path for t in chosen}
+
+    def keeps(module: str) -> bool:  # kept whole: named by --save-module, or any changed one with --save-changed
+        return module in kept or (save_changed and module not in targeted)
+
+    changes, fine_tuned = other_changes(ft, bs, chosen, keeps)
+    kept |= {c.module for c in changes if keeps(c.module)}
     dropped = [c for c in changes if c.module not in kept]
     if dropped:
         warn(_dropped_warning(dropped))
@@ -156,7 +161,8 @@ def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str
                          "created_by": "extract-lora", "extracted_from": ft.source.id, "algorithm": algorithm,
                          "split": split, "rank_rule": asdict(rule),
                          "energy": {row["module"]: row["energy"] for row in rows}}
-    saved = {name: ft.get_finite(name) for name in ft.tensors if name.rpartition(".")[0] in kept}
+    saved = {name: fine_tuned[name] if name in fine_tuned else ft.get_finite(name)
+             for name in ft.tensors if name.rpartition(".")[0] in kept}
     for group in _tied_groups(bs, saved):
         warn(f"{group[0]} is tied to {', '.join(group[1:])} in this architecture: PEFT keeps its modules_to_save copy "
              f"apart from the tied weight, so PEFT will not reproduce the fine-tuned model (lrs merge does)")
@@ -195,20 +201,24 @@ def _tied_groups(base: Checkpoint, saved: dict[str, torch.Tensor]) -> list[tuple
     return [(name, *(n for n in group if n != name)) for group in groups for name in group if name in saved]
 
 
-def other_changes(ft: Checkpoint, bs: Checkpoint, chosen: Sequence[Target]) -> list[Change]:
-    """Every floating-point tensor outside the targeted weights that differs between the checkpoints."""
+def other_changes(ft: Checkpoint, bs: Checkpoint, chosen: Sequence[Target], keeps: Callable[[str], bool]
+                  ) -> tuple[list[Change], dict[str, Tensor]]:
+    """Every floating-point tensor outside the targeted weights that differs between the checkpoints, and the
+    fine-tuned value of those in a module that `keeps` (read here once, for modules_to_save)."""
     targeted = {t.source for t in chosen}
-    changes = []
+    changes, fine_tuned = [], {}
     for name, info in bs.tensors.items():
         if name in targeted or not info.dtype.is_floating_point or _same_bytes(ft.raw(name), bs.raw(name)):
             continue
-        before = bs.get_finite(name).float()
-        diff = ft.get_finite(name).float() - before
+        before, after = bs.get_finite(name).float(), ft.get_finite(name)
+        diff = after.float() - before
         if diff.any():
             squared = float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
             scale = float(torch.linalg.vector_norm(before, dtype=torch.float64))
             changes.append(Change(name, squared, math.sqrt(squared) / scale if scale else math.inf))
-    return changes
+            if keeps(changes[-1].module):
+                fine_tuned[name] = after
+    return changes, fine_tuned
 
 
 def _same_bytes(a: bytes | torch.Tensor, b: bytes | torch.Tensor) -> bool:
@@ -258,7 +268,8 @@ def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rule: RankRul
         for (t, d), (u, s, vh) in zip(diffs, _svds([d for _, d in diffs], rule, algorithm, niter, device)):
             squared = float(d.double().square().sum())
             r, capped = rule.choose(s, squared, min(d.shape))
-            weights[t.path] = _factors(u[:, :r], s[:r], vh[:r], distribute_scale)
+            b, a = split_factors(u[:, :r], s[:r], vh[:r], distribute_scale)
+            weights[t.path] = {"lora_A.weight": a, "lora_B.weight": b}
             energy = min(1.0, float(s[:r].double().square().sum()) / squared)
             rows.append({"module": t.path, "shape": f"{t.out_features}x{t.in_features}", "rank": r, "energy": energy,
                          "error": math.sqrt(1.0 - energy), "squared": squared, "capped": capped})
@@ -268,8 +279,6 @@ def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rule: RankRul
 def _svds(diffs: list[Tensor], rule: RankRule, algorithm: str, niter: int, device: str
           ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Each difference's leading singular triplets, as many as the rule needs; one batched call per count."""
-    from .svd import truncated_svd
-
     counts = [rule.svd_rank(*d.shape) for d in diffs]
     svds: list[tuple[Tensor, Tensor, Tensor]] = [None] * len(diffs)  # type: ignore[list-item]
     for count in dict.fromkeys(counts):
@@ -278,14 +287,6 @@ def _svds(diffs: list[Tensor], rule: RankRule, algorithm: str, niter: int, devic
         for k, svd in zip(picked, found):
             svds[k] = svd
     return svds
-
-
-def _factors(u: Tensor, s: Tensor, vh: Tensor, distribute_scale: bool) -> dict[str, Tensor]:
-    """LoRA factors with B·A = U·diag(S)·Vh: S on B (mergekit's split) or √S on each (balanced)."""
-    if distribute_scale:
-        root = s.sqrt()
-        return {"lora_A.weight": (root[:, None] * vh).contiguous(), "lora_B.weight": (u * root).contiguous()}
-    return {"lora_A.weight": vh.contiguous(), "lora_B.weight": (u * s).contiguous()}
 
 
 def _set_ranks(config: AdapterConfig, ranks: dict[str, int], modules: Sequence[str]) -> None:

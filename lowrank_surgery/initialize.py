@@ -12,7 +12,7 @@ import torch
 from .adapter import Adapter
 from .config import AdapterConfig
 from .checkpoint import Checkpoint
-from .device import default_device
+from .device import resolve_device
 from .errors import LrsError, warn
 from .methods import METHODS, get_method
 from .progress import progress
@@ -36,6 +36,7 @@ def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 
     if alpha is not None and not (math.isfinite(alpha) and alpha != 0):
         raise LrsError(f"--alpha must be a finite nonzero number, got {alpha}")
     check_seed(seed)
+    dev = resolve_device(device)
     cls = METHODS[method]
     typed = cls.Options.build(options or {}, method)
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, revision, allow_pickle)
@@ -55,10 +56,9 @@ def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 
         warn(message)
     generator = torch.Generator().manual_seed(seed)
     weights: dict[str, dict[str, torch.Tensor]] = {}
-    with default_device(device):
-        for batch, mats in _batches(ckpt, chosen, impl.needs_base_weight):
-            for t, params in zip(batch, impl.init(batch, mats, generator)):
-                weights[t.path] = params
+    for batch, mats in _batches(ckpt, chosen, impl.needs_base_weight):
+        for t, params in zip(batch, impl.init(batch, mats, generator, dev)):
+            weights[t.path] = params
     return Adapter(impl.config, weights)
 
 

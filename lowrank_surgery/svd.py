@@ -10,6 +10,9 @@ Algorithms:
 - `randomized`: Halko, Martinsson & Tropp range finder with oversampling and power iterations, each
   re-orthonormalised by QR, followed by the same Rayleigh-Ritz step.
 Signs are fixed so that the largest-magnitude entry of every column of U is positive.
+
+`lowrank_factors` turns a truncated SVD into LoRA factors (B, A), for PiSSA's init, extract-lora and convert's
+truncation alike.
 """
 
 from __future__ import annotations
@@ -62,6 +65,27 @@ def truncated_svd(mats: Sequence[Tensor], rank: int, algorithm: str = "exact", n
             for j, k in enumerate(chunk):
                 out[k] = (u[j].to("cpu", dtype), s[j].to("cpu", dtype), vh[j].to("cpu", dtype))
     return out  # type: ignore[return-value]
+
+
+def lowrank_factors(mats: Sequence[Tensor], rank: int, distribute_scale: bool = False, scale: float = 1.0,
+                    algorithm: str = "exact", niter: int = 4, device: str | torch.device = "auto",
+                    generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
+    """LoRA factors (B, A) per matrix with scale·B·A its rank-r truncation, split as `split_factors` does; same
+    shapes share one batched `truncated_svd`."""
+    svds = truncated_svd(mats, rank, algorithm=algorithm, niter=niter, device=device, generator=generator)
+    return [split_factors(u, s, vh, distribute_scale, scale) for u, s, vh in svds]
+
+
+def split_factors(u: Tensor, s: Tensor, vh: Tensor, distribute_scale: bool = False, scale: float = 1.0
+                  ) -> tuple[Tensor, Tensor]:
+    """LoRA factors (B, A) with scale·B·A = U·diag(S)·Vh: B = U·diag(S/scale), A = Vh (all of S on B, A's rows
+    orthonormal: mergekit's split), or with `distribute_scale` B = U·diag(√(S/scale)), A = diag(√(S/scale))·Vh
+    (PiSSA's split: column i of B and row i of A have the same norm)."""
+    values = s.clamp_min(0) / scale
+    if not distribute_scale:
+        return (u * values).contiguous(), vh.contiguous()
+    root = values.sqrt()
+    return (u * root).contiguous(), (root[:, None] * vh).contiguous()
 
 
 def common_basis(blocks: Sequence[Tensor], rank: int, algorithm: str = "gram", niter: int = 4, oversample: int = 8,

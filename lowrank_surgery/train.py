@@ -27,12 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import progress
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, Field, check_fields, load_adapter, write_adapter_files
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter, write_adapter_files
 from .attach import attach, trained_weights
 from .cards import adapter_card, read_metrics
 from .checkpoint import (Checkpoint, atomic_output, check_output, claim_output, load_tensors, read_json_object,
                          save_tensors)
+from .config import Field, check_fields
 from .data import IGNORE, Dataset, collate, load_dataset, read_jsonl, step_indices
+from .device import resolve_device
 from .errors import LrsError
 from .initialize import check_seed
 
@@ -280,11 +282,9 @@ def _setup_distributed(device: str) -> Context:
     """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device not in ("auto", "cpu", "cuda"):
+    if device not in ("auto", "cpu", "cuda"):  # the GPU is the process's own (LOCAL_RANK), not a cuda:N
         raise LrsError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if cuda and not torch.cuda.is_available():
-        raise LrsError("--device cuda: no CUDA device is available")
+    cuda = resolve_device(device).type == "cuda"
     if cuda and local >= torch.cuda.device_count():
         raise LrsError(f"process {local} on this node needs its own GPU but {torch.cuda.device_count()} are visible: "
                        "start at most that many processes per node (torchrun --nproc_per_node), or use --device cpu")
@@ -301,14 +301,17 @@ def _prepare(ctx: Context, adapter: str | os.PathLike | Adapter, base: str | os.
     """Load the data, the base with the adapter attached, the optimizer and, resuming, the checkpoint's state."""
     if config.batch_size % ctx.world:
         raise LrsError(f"--batch-size {config.batch_size} must be a multiple of the number of processes ({ctx.world})")
-    ckpt = Checkpoint(base, allow_pickle=config.allow_pickle)  # the one resolver: pickles only when allowed
-    ckpt.require_unquantized()  # transformers would load it quantized, or not at all on a CPU
+    # the one resolver (pickles only when allowed); quantized refused: transformers would load it so, or not at all
+    ckpt = Checkpoint(base, allow_pickle=config.allow_pickle, quantized="refuse")
     tokenizer = load_tokenizer(ckpt.path)
     train_set = load_dataset(data, tokenizer, config.seq_len, config.packing)
     eval_set = load_dataset(config.eval_data, tokenizer, config.seq_len, config.packing) if config.eval_data else None
     config = config.for_data(len(train_set))
     resumed = read_resume_state(out) if config.resume else None  # checked before the (slow) model load
     start_adapter = _start_adapter(adapter, out, config)
+    if config.grad_checkpointing and start_adapter.method.draws_in_forward:
+        raise LrsError(f"this {start_adapter.config.method} adapter draws at random in every training forward, which "
+                       f"--grad-checkpointing would recompute differently; train it without --grad-checkpointing")
     model = load_model(ckpt.path, start_adapter, ctx, config.grad_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lowrank_surgery as ls
-import lowrank_surgery.convert as convert_module
+import lowrank_surgery.formats.kohya as kohya_format
 from lowrank_surgery.convert import convert, lora_adapter, read_adapter
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.targets import linear_targets, load_weight
@@ -338,7 +338,7 @@ def test_kohya_export_prefix_is_documented_and_round_trips(llama, tmp_path):
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
     assert names == {_kohya_name(p) for p in _targets(llama, "q_proj")}
     assert all(tensors[f"{n}.alpha"].dim() == 0 and tensors[f"{n}.alpha"].dtype == torch.float32 for n in names)
-    assert "`lora_te_`" in convert_module.__doc__
+    assert "`lora_te_`" in kohya_format.__doc__
     for base in (None, ls.Checkpoint(llama)):
         back, _, _ = read_adapter(tmp_path / "k" / "adapter_model.safetensors", base)
         assert set(back.weights) == set(_targets(llama, "q_proj")) and back.config.scale(next(iter(back.weights))) == 2

@@ -287,6 +287,8 @@ def train_inputs(setup, chat_models, tiny_models) -> Path:
     bert = shutil.copytree(tiny_models["bert"], root / "bert")
     char_tokenizer().save_pretrained(bert)
     lrs.save_adapter(lrs.init_adapter("lora", bert, r=2, targets="query"), root / "bert-adapter")
+    lrs.save_adapter(lrs.init_adapter("cola", setup["base"], r=2, targets="q_proj", options={"strategy": "random"}),
+                     root / "cola-random")
     pickled_copy(setup["base"], root / "pickled")
     train(setup["adapter"], setup["base"], setup["data"], root / "run", steps=1, batch_size=2, seq_len=16)
     for name, (file, breaks) in RESUME_EDITS.items():
@@ -316,6 +318,8 @@ TRAIN_BAD = {  # expected message -> arguments after `lrs train` (--out a fresh 
     "--max-grad-norm must be positive": ["{adapter}", "--base", "{base}", "--data", "{data}", "--max-grad-norm", "-1"],
     "--warmup must be at least 0": ["{adapter}", "--base", "{base}", "--data", "{data}", "--warmup", "-1"],
     "already exists": ["{adapter}", "--base", "{base}", "--data", "{data}", "--out", "{root}/exists"],
+    "draws at random in every training forward, which --grad-checkpointing would recompute differently": [
+        "{root}/cola-random", "--base", "{base}", "--data", "{data}", "--grad-checkpointing"],
     "holds no training checkpoint": ["{adapter}", "--base", "{base}", "--data", "{data}", "--out", "{root}/exists",
                                      "--resume"],
     "state-not-json/.trainer/state.json: not valid JSON": ["{resume}", "{root}/state-not-json"],

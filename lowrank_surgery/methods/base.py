@@ -82,6 +82,11 @@ class Method:
         return set()
 
     @property
+    def draws_in_forward(self) -> bool:
+        """The training forward draws at random (CoLA random), so a recomputed forward is not the same one."""
+        return False
+
+    @property
     def low_rank(self) -> bool:
         """ΔW is s·B·A for the pair `pair` gives: the adapter exports to LoRA exactly."""
         return True
@@ -104,8 +109,9 @@ class Method:
         return max(target.out_features, target.in_features)
 
     def init(self, targets: Sequence[Target], weights: Sequence[torch.Tensor] | None,
-             generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
-        """Initial parameters for a batch of modules (weights given, float32, when needs_base_weight)."""
+             generator: torch.Generator, device: str | torch.device = "auto") -> list[dict[str, torch.Tensor]]:
+        """Initial parameters for a batch of modules (weights given, float32, when needs_base_weight); `device` is
+        where the method computes (PiSSA's and CoLA's SVDs), the parameters are on the CPU."""
         raise NotImplementedError
 
     def complete(self, weights: dict[str, dict[str, torch.Tensor]], base_weight: Callable[[str], torch.Tensor]) -> None:

@@ -84,7 +84,6 @@ class CoLAOptions(SvdOptions):
 class CoLA(PissaInit, Method):
     name = "cola"
     peft_type = "COLA"
-    needs_base_weight = True
     Options = CoLAOptions
     paper = ("CoLA", "https://arxiv.org/abs/2505.15471")
 
@@ -117,14 +116,18 @@ class CoLA(PissaInit, Method):
                 A0: (r, inp), B0: (out, r)}
 
     @property
+    def draws_in_forward(self) -> bool:
+        return self.strategy == "random"
+
+    @property
     def pairs_per_forward(self) -> int:
         """|P|: how many (A, B) products one forward sums."""
         return {"fully": self.num_a * self.num_b, "heuristic": self.num_b, "random": self.num_a}[self.strategy]
 
     def init(self, targets: Sequence[Target], weights: Sequence[torch.Tensor] | None,
-             generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+             generator: torch.Generator, device: str | torch.device = "auto") -> list[dict[str, torch.Tensor]]:
         out = []
-        for a0, b0 in self.frozen_factors(targets, weights, generator):
+        for a0, b0 in self.frozen_factors(targets, weights, generator, device):
             a, b = a0 / self.num_a, b0 * (self.num_a / self.pairs_per_forward)
             out.append({**{n: a.clone() for n in self.a_names}, **{n: b.clone() for n in self.b_names},
                         A0: a0, B0: b0})

@@ -51,7 +51,7 @@ class CoRA(LoRA):
         return {"lora_B.weight"} if self.config.options.cora_mode == "frozen" else set()
 
     def init(self, targets: Sequence[Target], weights: Sequence[torch.Tensor] | None,
-             generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+             generator: torch.Generator, device: str | torch.device = "auto") -> list[dict[str, torch.Tensor]]:
         subspace = _subspace(self.config.options)
         rank = subspace.info["rank"]
         self.config.provenance.update(subspace=subspace.id, subspace_hash=subspace.hash)

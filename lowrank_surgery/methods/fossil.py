@@ -89,7 +89,7 @@ class Fossil(Method):
             raise LrsError(f"FOSSIL mini needs mini_r={self.mini_r} to divide out_features of {where}")
 
     def init(self, targets: Sequence[Target], weights: Sequence[torch.Tensor] | None,
-             generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+             generator: torch.Generator, device: str | torch.device = "auto") -> list[dict[str, torch.Tensor]]:
         return [{BLOCK: torch.zeros(self.param_shapes(t)[BLOCK])} for t in targets]
 
     # ------------------------------------------------------------------ maths

@@ -27,7 +27,7 @@ class LoRA(Method):
         return {"lora_A.weight": (r, target.in_features), "lora_B.weight": (target.out_features, r)}
 
     def init(self, targets: Sequence[Target], weights: Sequence[torch.Tensor] | None,
-             generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+             generator: torch.Generator, device: str | torch.device = "auto") -> list[dict[str, torch.Tensor]]:
         return [{"lora_A.weight": kaiming_a(self.config.rank(t.path), t.in_features, generator),
                  "lora_B.weight": torch.zeros(t.out_features, self.config.rank(t.path))} for t in targets]
 

@@ -20,6 +20,7 @@ import torch
 
 from ..config import AdapterConfig, Options
 from ..errors import LrsError
+from ..svd import lowrank_factors
 from ..targets import Target
 from .base import Layer, Method, Params
 from .lora import config_from_lora_json, lora_json
@@ -35,18 +36,12 @@ DEFAULT_NITER = 4
 
 
 def pissa_factors(weights: Sequence[torch.Tensor], r: int, scale: float, algorithm: str = DEFAULT_SVD,
-                  niter: int | None = None, generator: torch.Generator | None = None
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  niter: int | None = None, generator: torch.Generator | None = None,
+                  device: str | torch.device = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(A0, B0) per weight (out × in, float32), s·B0·A0 its rank-r truncation; same shapes share one batched SVD."""
-    from ..svd import truncated_svd
-
-    svds = truncated_svd(weights, r, algorithm=algorithm, niter=DEFAULT_NITER if niter is None else niter,
-                         generator=generator)
-    factors = []
-    for u, s, vh in svds:
-        root = (s.clamp_min(0) / scale).sqrt()
-        factors.append(((root[:, None] * vh).contiguous(), (u * root).contiguous()))
-    return factors
+    factors = lowrank_factors(weights, r, distribute_scale=True, scale=scale, algorithm=algorithm,
+                              niter=DEFAULT_NITER if niter is None else niter, generator=generator, device=device)
+    return [(a0, b0) for b0, a0 in factors]
 
 
 @dataclass(frozen=True)
@@ -68,13 +63,14 @@ class PissaInit:
 
     config: AdapterConfig
     completable = frozenset({A0, B0})
+    needs_base_weight = True  # the frozen factors are the SVD of W
 
     def max_rank(self, target: Target) -> int:
         """The SVD of W has min(out, in) directions."""
         return min(target.out_features, target.in_features)
 
-    def frozen_factors(self, targets: Sequence[Target], weights: Sequence[torch.Tensor],
-                       generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def frozen_factors(self, targets: Sequence[Target], weights: Sequence[torch.Tensor], generator: torch.Generator,
+                       device: str | torch.device = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(A0, B0) per target, one batched SVD per (shape, rank, scale)."""
         groups: dict[tuple[int, float], list[int]] = {}
         for k, t in enumerate(targets):
@@ -82,7 +78,7 @@ class PissaInit:
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(targets)
         for (r, s), idx in groups.items():
             found = pissa_factors([weights[k] for k in idx], r, s, self.config.options.init_svd,
-                                  self.config.options.niter, generator)
+                                  self.config.options.niter, generator, device)
             for k, f in zip(idx, found):
                 out[k] = f
         return out  # type: ignore[return-value]
@@ -123,7 +119,6 @@ def frozen_factors_of(params: Params, path: str = "") -> tuple[torch.Tensor, tor
 class PiSSA(PissaInit, Method):
     name = "pissa"
     peft_type = "PISSA"
-    needs_base_weight = True
     Options = SvdOptions
     paper = ("PiSSA", "https://arxiv.org/abs/2404.02948")
 
@@ -140,9 +135,9 @@ class PiSSA(PissaInit, Method):
         return {"lora_A.weight": (r, inp), "lora_B.weight": (out, r), A0: (r, inp), B0: (out, r)}
 
     def init(self, targets: Sequence[Target], weights: Sequence[torch.Tensor] | None,
-             generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+             generator: torch.Generator, device: str | torch.device = "auto") -> list[dict[str, torch.Tensor]]:
         return [{"lora_A.weight": a0.clone(), "lora_B.weight": b0.clone(), A0: a0, B0: b0}
-                for a0, b0 in self.frozen_factors(targets, weights, generator)]
+                for a0, b0 in self.frozen_factors(targets, weights, generator, device)]
 
     def pair(self, params: Params, shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """([B | −B0], [A; A0]): rank 2r."""

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import Checkpoint
-from .errors import LrsError
+from ..checkpoint import Checkpoint
+from ..errors import LrsError
 
 if TYPE_CHECKING:
-    from .adapter import Adapter
+    from ..adapter import Adapter
 
 LORA_KEYS = ("lora_A.weight", "lora_B.weight")
 
