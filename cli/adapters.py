@@ -10,10 +10,19 @@ from lowrank_surgery.adapter import default_adapter_out, save_adapter
 from lowrank_surgery.checkpoint import check_output
 from lowrank_surgery.initialize import init_adapter
 from lowrank_surgery.methods import METHODS
+from lowrank_surgery.methods.cola import STRATEGIES, CoLAOptions
+from lowrank_surgery.methods.cora import A_INITS, MODES
+from lowrank_surgery.methods.fossil import VARIANTS
+from lowrank_surgery.methods.pissa import SVD_ALGORITHMS
 
 from .base import ALLOW_PICKLE, DEVICE, FORCE, REVISION, app, choice, say, targets_option
 
 METHOD_HELP = "Method-specific options (an error if given for another method)."
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return ", ".join(values[:-1]) + f" or {values[-1]}"
+
 
 MethodName = choice("MethodName", METHODS)
 
@@ -35,17 +44,17 @@ def init(
     force: bool = FORCE,
     allow_pickle: bool = ALLOW_PICKLE,
     subspace: Path = typer.Option(None, "--subspace", help="cora: subspace directory from extract-subspace.", rich_help_panel=METHOD_HELP),
-    cora_mode: str = typer.Option(None, "--cora-mode", help="cora: frozen (B fixed) or init (B trains).", rich_help_panel=METHOD_HELP),
-    a_init: str = typer.Option(None, "--a-init", help="cora: zeros or kaiming.", rich_help_panel=METHOD_HELP),
-    init_svd: str = typer.Option(None, "--init-svd", help="pissa, cola: exact (float32 SVD, as PEFT; default), gram (float64 Gram + eigh: faster, more accurate) or randomized.", rich_help_panel=METHOD_HELP),
+    cora_mode: str = typer.Option(None, "--cora-mode", help=f"cora: {_one_of(MODES)} (frozen: B fixed; init: B trains).", rich_help_panel=METHOD_HELP),
+    a_init: str = typer.Option(None, "--a-init", help=f"cora: {_one_of(A_INITS)}.", rich_help_panel=METHOD_HELP),
+    init_svd: str = typer.Option(None, "--init-svd", help=f"pissa, cola: {_one_of(SVD_ALGORITHMS)} (exact: float32 SVD, as PEFT, the default; gram: float64 Gram + eigh, faster and more accurate).", rich_help_panel=METHOD_HELP),
     niter: int = typer.Option(None, "--niter", help="pissa, cola: power iterations of the randomized SVD.", rich_help_panel=METHOD_HELP),
-    num_a: int = typer.Option(None, "--num-a", help="cola: number of A matrices (default 2).", rich_help_panel=METHOD_HELP),
-    num_b: int = typer.Option(None, "--num-b", help="cola: number of B matrices (default 3).", rich_help_panel=METHOD_HELP),
-    strategy: str = typer.Option(None, "--strategy", help="cola: fully, heuristic or random.", rich_help_panel=METHOD_HELP),
-    variant: str = typer.Option(None, "--variant", help="fossil: balance, bat or mini.", rich_help_panel=METHOD_HELP),
+    num_a: int = typer.Option(None, "--num-a", help=f"cola: number of A matrices (default {CoLAOptions.num_a}).", rich_help_panel=METHOD_HELP),
+    num_b: int = typer.Option(None, "--num-b", help=f"cola: number of B matrices (default {CoLAOptions.num_b}).", rich_help_panel=METHOD_HELP),
+    strategy: str = typer.Option(None, "--strategy", help=f"cola: {_one_of(STRATEGIES)}.", rich_help_panel=METHOD_HELP),
+    variant: str = typer.Option(None, "--variant", help=f"fossil: {_one_of(VARIANTS)}.", rich_help_panel=METHOD_HELP),
     mini_r: int = typer.Option(None, "--mini-r", help="fossil mini: block width along the output.", rich_help_panel=METHOD_HELP),
 ) -> None:
-    """Initialise a LoRA, CoRA, PiSSA, CoLA or FOSSIL adapter for a base checkpoint."""
+    """Initialise an adapter of any registered method (--method) for a base checkpoint."""
     out = out or default_adapter_out(base, method.value, rank)
     check_output(out, force, inputs=(base, subspace))
     given = {"subspace": str(subspace) if subspace else None, "cora_mode": cora_mode, "a_init": a_init,
