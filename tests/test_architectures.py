@@ -20,8 +20,6 @@ from lowrank_surgery.convert import convert
 from lowrank_surgery.merge import merge
 from lowrank_surgery.targets import guessed_targets
 
-from train_fixtures import char_tokenizer
-
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64)
 
@@ -96,16 +94,6 @@ def output(model) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def perturbed(adapter: lrs.Adapter, seed: int = 1) -> lrs.Adapter:
-    """The adapter with its trainable parameters moved off their init, so that ΔW ≠ 0."""
-    gen = torch.Generator().manual_seed(seed)
-    for params in adapter.weights.values():
-        for name, t in params.items():
-            if name not in adapter.method.frozen:
-                params[name] = t + 0.05 * torch.randn(t.shape, generator=gen)
-    return adapter
-
-
 def assert_close(a: torch.Tensor, b: torch.Tensor, msg: str = "") -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())), msg=msg)
 
@@ -140,23 +128,24 @@ def _merged_state(path: Path) -> dict[str, torch.Tensor]:
     return load(path).state_dict()
 
 
-@pytest.mark.parametrize("arch,method,options", [
-    ("t5", "lora", {}), ("phi3", "fossil", {"variant": "bat"}), ("gpt_neox", "lora", {}),
-    ("llava", "fossil", {}), ("roberta_cls", "lora", {}), ("bart", "fossil", {"variant": "mini", "mini_r": 8}),
+@pytest.mark.parametrize("arch,case", [  # case: of METHOD_CASES (conftest), at rank 4 whatever its own
+    ("t5", "lora"), ("phi3", "fossil-bat"), ("gpt_neox", "lora"), ("llava", "fossil"), ("roberta_cls", "lora"),
+    ("bart", "fossil-mini"),
 ])
-def test_adapter_and_merge_match_peft(models, cli, tmp_path, arch, method, options):
+def test_adapter_and_merge_match_peft(models, cli, tmp_path, recipe, moved_off_init, arch, case):
     """`lrs init` (CLI for LoRA) loads in PEFT with the outputs of lrs.attach; `lrs merge` keeps the base's tensor names,
     dtypes and shards, loads with the architecture's class with the attached logits, and equals merge_and_unload."""
     from peft import PeftModel
 
     base, ad = models(arch), tmp_path / "ad"
+    method, _, options = recipe(case, base)
     if method == "lora":
         assert cli("init", "--method", "lora", "--base", base, "--out", tmp_path / "init", "--rank", "4",
                    "--targets", "all-linear").code == 0
         adapter = lrs.load_adapter(tmp_path / "init")
     else:
         adapter = lrs.init_adapter(method, base, r=4, options=options)
-    lrs.save_adapter(perturbed(adapter), ad)
+    lrs.save_adapter(moved_off_init(adapter), ad)
     attached = output(lrs.attach(load(base), lrs.load_adapter(ad)))
     peft = PeftModel.from_pretrained(load(base), ad).eval()
     assert_close(output(peft), attached)
@@ -175,13 +164,13 @@ def test_adapter_and_merge_match_peft(models, cli, tmp_path, arch, method, optio
 
 @pytest.mark.parametrize("arch,output_layer", [("bart", "lm_head"), ("bert_mlm", "cls.predictions.decoder"),
                                                ("gpt_neox", "lm_head"), ("t5", "lm_head")])
-def test_output_layer_adapter_merges_untied(models, tmp_path, arch, output_layer):
+def test_output_layer_adapter_merges_untied(models, tmp_path, moved_off_init, arch, output_layer):
     """A tied output layer is written on its own with the input embedding untouched, plus whatever untying separates
     (BART's encoder/decoder embed_tokens, BERT's decoder bias); GPT-NeoX's lm_head is stored as embed_out."""
     from peft import PeftModel
 
     base = models(arch)
-    adapter = perturbed(lrs.init_adapter("lora", base, r=2, targets=output_layer))
+    adapter = moved_off_init(lrs.init_adapter("lora", base, r=2, targets=output_layer))
     assert list(adapter.weights) == [output_layer]
     lrs.save_adapter(adapter, tmp_path / "ad")
     attached = output(lrs.attach(load(base), lrs.load_adapter(tmp_path / "ad")))
@@ -197,11 +186,11 @@ def test_output_layer_adapter_merges_untied(models, tmp_path, arch, output_layer
 
 
 @pytest.mark.parametrize("arch,method", [("phi3", "pissa"), ("bart", "cola"), ("llava", "pissa")])
-def test_pissa_cola_export_to_peft_lora_is_exact(models, tmp_path, arch, method):
+def test_pissa_cola_export_to_peft_lora_is_exact(models, tmp_path, moved_off_init, arch, method):
     from peft import PeftModel
 
     base = models(arch)
-    lrs.save_adapter(perturbed(lrs.init_adapter(method, base, r=4)), tmp_path / "ad")
+    lrs.save_adapter(moved_off_init(lrs.init_adapter(method, base, r=4)), tmp_path / "ad")
     convert(tmp_path / "ad", tmp_path / "lora", "peft-lora", base=base)
     attached = output(lrs.attach(load(base), lrs.load_adapter(tmp_path / "ad")))
     assert_close(output(PeftModel.from_pretrained(load(base), tmp_path / "lora").eval()), attached)
@@ -240,7 +229,7 @@ def test_bare_safetensors_file_falls_back_to_names(tmp_path, models):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def test_cli_trains_a_fused_projection_decoder(models, cli, tmp_path):
+def test_cli_trains_a_fused_projection_decoder(models, cli, tmp_path, char_tokenizer):
     """`lrs train` on Phi-3 (fused qkv_proj and gate_up_proj) moves every trainable parameter."""
     import shutil
 

@@ -17,28 +17,13 @@ from lowrank_surgery.errors import LrsError
 from lowrank_surgery.extract import extract_lora
 from lowrank_surgery.targets import linear_targets, load_weight
 
-from conftest import assert_one_line_error, edited_copy, fill, load_causal_lm, lrs_block
-from test_cora import subspace_for
 
-# (method, rank, options): every registered method runs with (rank 4, no options) unless listed here;
-# extra cases are variants of registered methods. FOSSIL balance with r=5 pads the input fold.
-INIT = {"fossil": ("fossil", 5, {}), "fossil-mini": ("fossil", 4, {"variant": "mini", "mini_r": 8}),
-        "fossil-bat": ("fossil", 8, {"variant": "bat"}), "cola-heuristic": ("cola", 4, {"strategy": "heuristic"})}
-CASES = list(ls.METHODS) + [k for k in INIT if k not in ls.METHODS]
-
-
-def _trained(base, case: str, seed: int = 1) -> ls.Adapter:
-    """An adapter of `case` whose trainable parameters moved away from their init, as after training."""
-    method, r, options = INIT.get(case, (case, 4, {}))
-    if method == "cora":  # CoRA needs a subspace of the base
-        options = {**options, "subspace": str(subspace_for(base))}
-    adapter = ls.init_adapter(method, base, r=r, alpha=2.0 * r + 1, targets="all-linear", options=options)
-    gen = torch.Generator().manual_seed(seed)
-    for params in adapter.weights.values():
-        for name, t in params.items():
-            if name not in adapter.method.frozen:
-                params[name] = t + torch.randn(t.shape, generator=gen) * 0.05
-    return adapter
+@pytest.fixture(scope="session")
+def trained(make_adapter):
+    """trained(base, case): an adapter of a METHOD_CASES case on every linear module, alpha 2r + 1, whose trainable
+    parameters moved away from their init, as after training."""
+    return lambda base, case: make_adapter(case, base, alpha=lambda r: 2.0 * r + 1, targets="all-linear", seed=0,
+                                           moved_seed=1)
 
 
 def _deltas(adapter: ls.Adapter, base) -> dict[str, torch.Tensor]:
@@ -57,12 +42,12 @@ def _projections(model) -> dict[str, torch.Tensor]:
     return {n[: -len(".weight")]: p.detach() for n, p in model.named_parameters() if n.endswith("_proj.weight")}
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_every_method_to_peft_lora(llama, tmp_path, case):
+# method_case: every case of conftest's METHOD_CASES, each method and variant
+def test_every_method_to_peft_lora(llama, tmp_path, method_case, trained, lrs_block, load_causal_lm):
     """ΔW survives (exactly where low-rank, else with the reported SVD error); stock PEFT loads and merges it."""
     from peft import PeftModel
 
-    adapter = _trained(llama, case)
+    adapter = trained(llama, method_case)
     ls.save_adapter(adapter, tmp_path / "src")
     expected = _deltas(adapter, llama)
     shapes = {t.path: t.shape for t in linear_targets(ls.Checkpoint(llama))}
@@ -138,8 +123,8 @@ def test_kohya_layout_and_name_resolution(llama, tmp_path):
     assert back.config.scale("model.layers.0.self_attn.q_proj") == 1.0
 
 
-def test_mlx_layout(llama, tmp_path):
-    adapter = _trained(llama, "lora")
+def test_mlx_layout(llama, tmp_path, trained):
+    adapter = trained(llama, "lora")
     ls.save_adapter(adapter, tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "m", "mlx", base=llama)
     config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
@@ -152,8 +137,8 @@ def test_mlx_layout(llama, tmp_path):
     assert torch.equal(tensors["model.layers.1.self_attn.q_proj.lora_b"], q["lora_B.weight"].T)  # r × out
 
 
-def test_peft_miss_rewrites_fossil_and_bone(llama, tmp_path):
-    adapter = _trained(llama, "fossil")
+def test_peft_miss_rewrites_fossil_and_bone(llama, tmp_path, trained):
+    adapter = trained(llama, "fossil")
     ls.save_adapter(adapter, tmp_path / "src")
     config = json.loads((tmp_path / "src" / "adapter_config.json").read_text())
     bone = tmp_path / "bone"
@@ -168,7 +153,7 @@ def test_peft_miss_rewrites_fossil_and_bone(llama, tmp_path):
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
 
 
-def test_extract_lora_recovers_planted_change(llama, tmp_path, lrs):
+def test_extract_lora_recovers_planted_change(llama, tmp_path, lrs, edited_copy):
     r = 3
     gen = torch.Generator().manual_seed(5)
     planted = {}
@@ -203,7 +188,7 @@ CHANGED_WHOLE = {"model.norm.weight", "model.embed_tokens.weight", "model.layers
 
 
 @pytest.fixture(scope="module")
-def finetuned(llama, tmp_path_factory):
+def finetuned(llama, tmp_path_factory, edited_copy):
     """The tiny llama with rank-2 changes to q_proj and down_proj, and changes a LoRA cannot hold (CHANGED_WHOLE)."""
     gen = torch.Generator().manual_seed(7)
 
@@ -231,7 +216,8 @@ def test_extract_lora_reports_and_warns_what_a_lora_cannot_hold(lrs, llama, fine
     assert report["total_energy"] == pytest.approx(1 - lost / total, rel=1e-6)
 
 
-def test_extract_lora_save_changed_reproduces_the_finetuned_model_in_peft(lrs, llama, finetuned, tmp_path):
+def test_extract_lora_save_changed_reproduces_the_finetuned_model_in_peft(lrs, llama, finetuned, tmp_path,
+                                                                        load_causal_lm):
     from peft import PeftModel
 
     res = lrs("extract-lora", finetuned, llama, tmp_path / "out", "--rank", 2, "--save-changed")
@@ -261,7 +247,8 @@ def test_extract_lora_save_module_keeps_only_the_named(lrs, llama, finetuned, tm
     assert set(ls.load_adapter(tmp_path / "out").saved) == {"model.norm.weight"}
 
 
-def test_extract_lora_warns_that_peft_unties_a_saved_tied_embedding(lrs, tiny_models, tmp_path):
+def test_extract_lora_warns_that_peft_unties_a_saved_tied_embedding(lrs, tiny_models, tmp_path, edited_copy,
+                                                                   load_causal_lm):
     """qwen2 ties lm_head to embed_tokens: PEFT's modules_to_save copy breaks the tie, lrs merge keeps it."""
     base = tiny_models["qwen2"]
     gen = torch.Generator().manual_seed(3)
@@ -307,10 +294,10 @@ def test_bad_extract_input_exits_1_with_one_line(lrs, llama, finetuned, tmp_path
 
 
 @pytest.fixture(scope="module")
-def convert_inputs(llama, tmp_path_factory) -> Path:
+def convert_inputs(llama, tmp_path_factory, trained) -> Path:
     """Adapters lrs cannot convert, or not without help, built once for the table below."""
     root = tmp_path_factory.mktemp("convert-inputs")
-    ls.save_adapter(_trained(llama, "lora"), root / "lora")
+    ls.save_adapter(trained(llama, "lora"), root / "lora")
     convert(root / "lora", root / "k", "kohya")
     convert(root / "lora", root / "mlx", "mlx")
     kohya = load_file(root / "k" / "adapter_model.safetensors")
@@ -332,7 +319,7 @@ def convert_inputs(llama, tmp_path_factory) -> Path:
         (root / name / "adapter_config.json").write_text(json.dumps(config))
     (root / "bad-config").mkdir()
     (root / "bad-config" / "adapter_config.json").write_text("{not json")
-    ls.save_adapter(_trained(llama, "fossil-bat"), root / "bat")
+    ls.save_adapter(trained(llama, "fossil-bat"), root / "bat")
     return root
 
 
@@ -359,19 +346,19 @@ CONVERT_BAD = {  # expected message -> ADAPTER [options]
 
 
 @pytest.mark.parametrize("expected", CONVERT_BAD)
-def test_bad_input_exits_1_with_one_line(lrs, llama, convert_inputs, tmp_path, expected):
+def test_bad_input_exits_1_with_one_line(lrs, llama, convert_inputs, tmp_path, fill, assert_one_line_error, expected):
     adapter, *options = fill(CONVERT_BAD[expected], root=convert_inputs, llama=llama)
     assert_one_line_error(lrs("convert", adapter, tmp_path / "out", *options), expected)
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_format_is_a_usage_error(lrs, llama, tmp_path):
-    ls.save_adapter(_trained(llama, "lora"), tmp_path / "lora")
+def test_unknown_format_is_a_usage_error(lrs, llama, tmp_path, trained):
+    ls.save_adapter(trained(llama, "lora"), tmp_path / "lora")
     assert lrs("convert", tmp_path / "lora", tmp_path / "out", "--to", "onnx").code == 2
 
 
-def test_cli_convert_prints_summary(lrs, llama, tmp_path):
-    ls.save_adapter(_trained(llama, "lora"), tmp_path / "src")
+def test_cli_convert_prints_summary(lrs, llama, tmp_path, trained):
+    ls.save_adapter(trained(llama, "lora"), tmp_path / "src")
     res = lrs("convert", tmp_path / "src", tmp_path / "out", "--to", "mlx")
     assert res.code == 0, res.stderr
     assert "exact" in res.stdout and "14 modules" in res.stdout

@@ -15,21 +15,11 @@ import lowrank_surgery as lrs
 from lowrank_surgery.subspace import extract_subspace, load_subspace
 from lowrank_surgery.targets import load_weight, select_targets
 
-from conftest import build_model, load_causal_lm, lrs_block
-
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-def subspace_for(base: Path, rank: int = 8) -> Path:
-    """An all-linear, scope-layer subspace of `base`, written once next to it (for tests that build CoRA adapters)."""
-    out = base.parent / f"{base.name}-subspace-r{rank}"
-    if not out.exists():
-        extract_subspace([base], out, rank=rank, targets="all-linear", device="cpu")
-    return out
-
-
 @pytest.fixture(scope="session")
-def llama_pair(tmp_path_factory, llama) -> list[Path]:
+def llama_pair(tmp_path_factory, llama, build_model) -> list[Path]:
     """Two tiny llamas (GQA: k_proj, v_proj are 32x64) with different weights."""
     return [llama, build_model("llama", tmp_path_factory.mktemp("second") / "llama", seed=1)]
 
@@ -101,10 +91,10 @@ def test_randomized_recovers_a_planted_subspace(tmp_path):
 # ------------------------------------------------------------------------------------------------ the adapter
 
 
-def test_cora_adapter_is_a_peft_lora_matching_attach(llama, tmp_path):
+def test_cora_adapter_is_a_peft_lora_matching_attach(llama, tmp_path, subspace, lrs_block, load_causal_lm):
     from peft import PeftModel
 
-    sub = subspace_for(llama)
+    sub = subspace(llama)
     adapter = lrs.init_adapter("cora", llama, r=4, alpha=8, options={"subspace": str(sub), "a_init": "kaiming"}, seed=3)
     bases = load_subspace(sub).bases
     assert set(adapter.weights) == set(bases) and len(bases) == 14  # default targets: the subspace's (all-linear)
@@ -126,10 +116,11 @@ def test_cora_adapter_is_a_peft_lora_matching_attach(llama, tmp_path):
     assert (got - base).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("mode", ["frozen", "init"])
-def test_modes_decide_what_trains(llama, mode):
-    adapter = lrs.init_adapter("cora", llama, r=4, options={"subspace": str(subspace_for(llama)), "cora_mode": mode},
-                               targets="q_proj")
+@pytest.mark.method_cases(method="cora")
+def test_modes_decide_what_trains(llama, recipe, load_causal_lm, method_case):
+    _, _, options = recipe(method_case, llama)
+    mode = options["cora_mode"]
+    adapter = lrs.init_adapter("cora", llama, r=4, options=options, targets="q_proj")
     assert all(not p["lora_A.weight"].any() for p in adapter.weights.values())  # A = 0: the model is unchanged
     model = lrs.attach(load_causal_lm(llama), adapter)
     grads = {name.rsplit(".", 1)[-1]: p.requires_grad for name, p in model.named_parameters() if "lora" in name}

@@ -12,8 +12,6 @@ import torch
 import lowrank_surgery as ls
 from lowrank_surgery.errors import LrsError
 
-from conftest import assert_one_line_error, edited_copy, load_causal_lm, lrs_block
-
 # ΔW = U·diag(σ)·Vᵀ per module (the others do not change); distinct gaps, one tied pair (down_proj's 5, 5).
 SIGMAS = {
     "model.layers.0.self_attn.q_proj": [8.0, 4.0, 2.0, 1.0],
@@ -29,7 +27,7 @@ def _orthonormal(rows: int, columns: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def planted(llama, tmp_path_factory) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def planted(llama, tmp_path_factory, edited_copy) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """The tiny llama plus U·diag(σ)·Vᵀ in the SIGMAS modules, and those factors (U, Vᵀ) per module."""
     gen = torch.Generator().manual_seed(11)
     factors = {}
@@ -66,13 +64,18 @@ def _truncated(factors: tuple[torch.Tensor, torch.Tensor], sigmas: list[float], 
     return (u[:, :rank] * torch.tensor(sigmas[:rank], dtype=torch.float64)) @ vh[:rank]
 
 
-def _peft_layers(base: Path, adapter: Path) -> dict[str, torch.nn.Module]:
-    """Stock PEFT's LoRA layers of the adapter on the base, by module path."""
-    from peft import PeftModel
+@pytest.fixture(scope="session")
+def peft_layers(load_causal_lm):
+    """peft_layers(base, adapter): stock PEFT's LoRA layers of the adapter on the base, by module path."""
 
-    model = PeftModel.from_pretrained(load_causal_lm(base), adapter).eval()
-    prefix = "base_model.model."
-    return {name.removeprefix(prefix): m for name, m in model.named_modules() if hasattr(m, "get_delta_weight")}
+    def layers(base: Path, adapter: Path) -> dict[str, torch.nn.Module]:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_causal_lm(base), adapter).eval()
+        prefix = "base_model.model."
+        return {name.removeprefix(prefix): m for name, m in model.named_modules() if hasattr(m, "get_delta_weight")}
+
+    return layers
 
 
 # (energy, threshold, cap, extra flags): every case keeps more than one distinct rank
@@ -95,7 +98,8 @@ def _flags(energy: float | None, threshold: float | None, cap: int | None) -> li
 
 
 @pytest.mark.parametrize("case", list(RULES))
-def test_ranks_per_module_are_the_rules_and_stock_peft_reproduces_them(lrs, llama, planted, tmp_path, case):
+def test_ranks_per_module_are_the_rules_and_stock_peft_reproduces_them(lrs, llama, planted, tmp_path, lrs_block,
+                                                                       peft_layers, case):
     energy, threshold, cap, extra = RULES[case]
     ft, factors = planted
     wanted = {m: _wanted(s, energy, threshold) for m, s in SIGMAS.items()}
@@ -120,7 +124,7 @@ def test_ranks_per_module_are_the_rules_and_stock_peft_reproduces_them(lrs, llam
     assert config["alpha_pattern"] == config["rank_pattern"]
     assert lrs_block(tmp_path / "out")["rank_rule"] == {"rank": cap, "energy": energy, "threshold": threshold}
 
-    layers = _peft_layers(llama, tmp_path / "out")
+    layers = peft_layers(llama, tmp_path / "out")
     assert set(layers) == set(SIGMAS)
     for m, layer in layers.items():
         assert layer.r["default"] == ranks[m]
@@ -129,7 +133,7 @@ def test_ranks_per_module_are_the_rules_and_stock_peft_reproduces_them(lrs, llam
         assert float((got - expected).norm() / expected.norm()) < 1e-5, m
 
 
-def test_energy_one_reproduces_the_finetuned_logits_in_peft_and_merge(llama, planted, tmp_path):
+def test_energy_one_reproduces_the_finetuned_logits_in_peft_and_merge(llama, planted, tmp_path, load_causal_lm):
     from peft import PeftModel
 
     ft, _ = planted
@@ -226,7 +230,8 @@ BAD_RULES = [  # (flags, the line's expected text)
 
 
 @pytest.mark.parametrize("flags, expected", BAD_RULES, ids=[" ".join(f) or "none" for f, _ in BAD_RULES])
-def test_bad_rank_rule_exits_1_with_one_line_and_writes_nothing(lrs, llama, planted, tmp_path, flags, expected):
+def test_bad_rank_rule_exits_1_with_one_line_and_writes_nothing(lrs, llama, planted, tmp_path, assert_one_line_error,
+                                                                flags, expected):
     res = lrs("extract-lora", planted[0], llama, tmp_path / "out", *flags)
     assert_one_line_error(res, expected)
     assert not (tmp_path / "out").exists()

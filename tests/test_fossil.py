@@ -12,48 +12,60 @@ import lowrank_surgery as lrs
 from lowrank_surgery.convert import convert
 from lowrank_surgery.errors import LrsError
 
-from conftest import assert_one_line_error, load_causal_lm
-
-# balance with r=5: in_features 64 and 96 are not multiples of r, so the fold pads x.
-VARIANTS = {"balance": (5, {}), "mini": (4, {"variant": "mini", "mini_r": 8}), "bat": (8, {"variant": "bat"})}
+# The variants are METHOD_CASES' fossil cases (conftest: fossil = balance with r=5, which pads the input fold;
+# fossil-mini; fossil-bat), each at its rank there; a test taking `method_case` runs for them.
 
 
-def _fossil(base, variant: str, seed: int = 1, scale: float = 0.05) -> lrs.Adapter:
-    """A FOSSIL adapter on every linear of `base` with random non-zero blocks."""
-    r, options = VARIANTS[variant]
-    adapter = lrs.init_adapter("fossil", base, r=r, alpha=3.0, targets="all-linear", options=options)
-    gen = torch.Generator().manual_seed(seed)
-    for params in adapter.weights.values():
-        assert not params["miss_block"].any()  # zeros at init
-        params["miss_block"] = torch.randn(params["miss_block"].shape, generator=gen) * scale
-    return adapter
+@pytest.fixture(scope="session")
+def fossil_adapter(recipe):
+    """fossil_adapter(base, case, seed=1, scale=0.05): a FOSSIL adapter of a METHOD_CASES case on every linear of
+    `base` with random non-zero blocks."""
+
+    def build(base, case: str, seed: int = 1, scale: float = 0.05) -> lrs.Adapter:
+        _, r, options = recipe(case, base)
+        adapter = lrs.init_adapter("fossil", base, r=r, alpha=3.0, targets="all-linear", options=options)
+        gen = torch.Generator().manual_seed(seed)
+        for params in adapter.weights.values():
+            assert not params["miss_block"].any()  # zeros at init
+            params["miss_block"] = torch.randn(params["miss_block"].shape, generator=gen) * scale
+        return adapter
+
+    return build
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
     return {n[: -len(".weight")]: p.detach() for n, p in model.named_parameters() if n.endswith("_proj.weight")}
 
 
-def _peft_gives_lrs_outputs(base, adapter_dir, peft_dir):
-    """PEFT's model loaded from `peft_dir`, after checking it gives lrs's outputs with `adapter_dir` (not the base's)."""
-    from peft import PeftModel
+@pytest.fixture(scope="session")
+def peft_gives_lrs_outputs(load_causal_lm):
+    """peft_gives_lrs_outputs(base, adapter_dir, peft_dir): PEFT's model loaded from `peft_dir`, after checking it
+    gives lrs's outputs with `adapter_dir` (not the base's)."""
 
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    ours = lrs.attach(load_causal_lm(base), lrs.load_adapter(adapter_dir))
-    theirs = PeftModel.from_pretrained(load_causal_lm(base), peft_dir).eval()
-    with torch.no_grad():
-        out_ours, out_theirs, out_base = (m(input_ids=ids).logits for m in (ours, theirs, load_causal_lm(base)))
-    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
-    assert (out_ours - out_base).abs().max() > 1e-3
-    return theirs
+    def check(base, adapter_dir, peft_dir):
+        from peft import PeftModel
+
+        ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+        ours = lrs.attach(load_causal_lm(base), lrs.load_adapter(adapter_dir))
+        theirs = PeftModel.from_pretrained(load_causal_lm(base), peft_dir).eval()
+        with torch.no_grad():
+            out_ours, out_theirs, out_base = (m(input_ids=ids).logits for m in (ours, theirs, load_causal_lm(base)))
+        torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
+        assert (out_ours - out_base).abs().max() > 1e-3
+        return theirs
+
+    return check
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fossil_matches_peft_miss(llama, tmp_path, variant):
-    adapter = _fossil(llama, variant)
+@pytest.mark.method_cases(method="fossil")
+def test_fossil_matches_peft_miss(llama, tmp_path, fossil_adapter, recipe, peft_gives_lrs_outputs,
+                                  load_causal_lm, method_case):
+    variant = recipe(method_case, llama)[2]["variant"]
+    adapter = fossil_adapter(llama, method_case)
     lrs.save_adapter(adapter, tmp_path / "ad")
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert config["peft_type"] == "MISS" and config["init_weights"] == {"balance": True}.get(variant, variant)
-    theirs = _peft_gives_lrs_outputs(llama, tmp_path / "ad", tmp_path / "ad")
+    theirs = peft_gives_lrs_outputs(llama, tmp_path / "ad", tmp_path / "ad")
 
     base_w = _weights(load_causal_lm(llama))
     merged = _weights(theirs.merge_and_unload())
@@ -64,14 +76,15 @@ def test_fossil_matches_peft_miss(llama, tmp_path, variant):
         torch.testing.assert_close(method.merge(w, params, path).float(), merged[path], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["balance", "mini"])
-def test_fold_pair_is_exact_and_alpha_free(llama, variant):
-    adapter = _fossil(llama, variant)
+@pytest.mark.method_cases("fossil", "fossil-mini")
+def test_fold_pair_is_exact_and_alpha_free(llama, fossil_adapter, recipe, method_case):
+    _, r, _ = recipe(method_case, llama)
+    adapter = fossil_adapter(llama, method_case)
     method = adapter.method
     for t in lrs.select_targets(lrs.Checkpoint(llama), "all-linear"):
         params = adapter.weights[t.path]
         b, a = method.pair(params, shape=t.shape)
-        assert b.shape == (t.out_features, VARIANTS[variant][0]) and set(a.unique().tolist()) == {0.0, 1.0}
+        assert b.shape == (t.out_features, r) and set(a.unique().tolist()) == {0.0, 1.0}
         torch.testing.assert_close(b @ a, method.delta(params, t.path, t.shape))  # s = 1, alpha is 3
     d = torch.randn(3, 6)
     mini = lrs.get_method(lrs.AdapterConfig("fossil", 3, 9.0, [], options={"variant": "mini", "mini_r": 6}))
@@ -80,8 +93,8 @@ def test_fold_pair_is_exact_and_alpha_free(llama, variant):
     assert all(full[o, i] == d[i % 3, o % 6] for o in range(12) for i in range(7))
 
 
-def test_bat_unmerge_inverts_merge_and_refuses_singular(llama):
-    adapter = _fossil(llama, "bat", scale=0.2)
+def test_bat_unmerge_inverts_merge_and_refuses_singular(llama, fossil_adapter, load_causal_lm):
+    adapter = fossil_adapter(llama, "fossil-bat", scale=0.2)
     method = adapter.method
     base_w = _weights(load_causal_lm(llama))
     for path, params in adapter.weights.items():
@@ -97,8 +110,8 @@ def test_bat_unmerge_inverts_merge_and_refuses_singular(llama):
         method.unmerge(base_w[path], {"miss_block": block}, path)
 
 
-def test_bone_adapter_imports_as_fossil(llama, tmp_path):
-    adapter = _fossil(llama, "bat")
+def test_bone_adapter_imports_as_fossil(llama, tmp_path, fossil_adapter):
+    adapter = fossil_adapter(llama, "fossil-bat")
     (tmp_path / "bone").mkdir()
     config = {"peft_type": "BONE", "r": 8, "init_weights": "bat", "target_modules": ["q_proj", "v_proj"],
               "base_model_name_or_path": str(llama), "bias": "none"}
@@ -118,19 +131,20 @@ def test_bone_adapter_imports_as_fossil(llama, tmp_path):
 CONV1D_WARNING = "warning: stock PEFT cannot load MiSS (FOSSIL) adapters on Conv1D layers (GPT-2)"
 
 
-@pytest.mark.parametrize("variant", ["balance", "mini"])
-def test_fossil_on_gpt2_loads_in_peft_as_its_exact_lora(tiny_models, tmp_path, variant):
+@pytest.mark.method_cases("fossil", "fossil-mini")
+def test_fossil_on_gpt2_loads_in_peft_as_its_exact_lora(tiny_models, tmp_path, fossil_adapter,
+                                                        peft_gives_lrs_outputs, load_causal_lm, method_case):
     """PEFT's MiSS wraps nn.Linear only and refuses GPT-2's Conv1D; the exact LoRA export loads in PEFT's LoRA
     (fan_in_fan_out) with lrs's outputs."""
     from peft import PeftModel
 
     gpt2 = tiny_models["gpt2"]
     with pytest.warns(lrs.LrsWarning, match="--to peft-lora --base MODEL` for an exact LoRA, which PEFT loads on Conv1D"):
-        lrs.save_adapter(_fossil(gpt2, variant), tmp_path / "miss")
+        lrs.save_adapter(fossil_adapter(gpt2, method_case), tmp_path / "miss")
     with pytest.raises(TypeError, match="Conv1D"):
         PeftModel.from_pretrained(load_causal_lm(gpt2), tmp_path / "miss")
     assert not convert(tmp_path / "miss", tmp_path / "lora", "peft-lora", base=gpt2)["lossy"]
-    _peft_gives_lrs_outputs(gpt2, tmp_path / "miss", tmp_path / "lora")
+    peft_gives_lrs_outputs(gpt2, tmp_path / "miss", tmp_path / "lora")
 
 
 def test_fossil_on_conv1d_warns_in_one_line_naming_the_route(lrs, tiny_models, llama, tmp_path):
@@ -157,7 +171,7 @@ FOSSIL_BAD = {  # expected message -> init options
 
 
 @pytest.mark.parametrize("expected", FOSSIL_BAD)
-def test_bad_fossil_input_exits_1(lrs, llama, tmp_path, expected):
+def test_bad_fossil_input_exits_1(lrs, llama, tmp_path, assert_one_line_error, expected):
     out = tmp_path / "out"
     res = lrs("init", "--method", "fossil", "--base", llama, "--out", out, "--targets", "q_proj", *FOSSIL_BAD[expected])
     assert_one_line_error(res, expected)

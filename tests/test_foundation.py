@@ -16,8 +16,6 @@ from lowrank_surgery.checkpoint import INDEX_NAME, atomic_output, parse_size, pl
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.targets import linear_targets
 
-from conftest import assert_one_line_error, cache_on_hub, fill, load_causal_lm, pickled_copy
-
 
 def test_lazy_reader_matches_safetensors(tiny_models):
     for path in tiny_models.values():
@@ -165,7 +163,7 @@ def _randomize_b(adapter: lrs.Adapter, seed: int = 1) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert"])
-def test_lora_adapter_matches_peft(tiny_models, tmp_path, arch):
+def test_lora_adapter_matches_peft(tiny_models, tmp_path, load_causal_lm, arch):
     from peft import PeftModel
     from transformers import AutoModel
 
@@ -188,7 +186,7 @@ def _output(model, ids):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def test_attach_trains_only_adapter(tiny_models):
+def test_attach_trains_only_adapter(tiny_models, load_causal_lm):
     model = load_causal_lm(tiny_models["llama"])
     lrs.attach(model, lrs.init_adapter("lora", tiny_models["llama"], r=2, targets="q_proj,v_proj"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -292,7 +290,7 @@ INIT_BAD = {
 
 
 @pytest.mark.parametrize("expected", INIT_BAD)
-def test_bad_input_exits_1_with_one_line(lrs, llama, bad_bases, tmp_path, expected):
+def test_bad_input_exits_1_with_one_line(lrs, llama, bad_bases, tmp_path, fill, assert_one_line_error, expected):
     out = tmp_path / "out"
     args = fill(INIT_BAD[expected], root=bad_bases, llama=llama)
     res = lrs("init", "--method", "lora", *args, *([] if "--out" in args else ["--out", out]))
@@ -355,7 +353,7 @@ def test_nonfinite_weight_is_named_in_one_line(lrs, poisoned, tmp_path, case):
     assert res.stderr.count("\n") == 1 and not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_attach_refuses_a_nonfinite_weight_it_decomposes(poisoned):
+def test_attach_refuses_a_nonfinite_weight_it_decomposes(poisoned, load_causal_lm):
     """attach recomputes missing PiSSA factors from the live model's weights: the same refusal as on disk."""
     adapter = lrs.init_adapter("pissa", poisoned["llama"], r=2, targets="q_proj")
     for params in adapter.weights.values():
@@ -395,7 +393,8 @@ PICKLE_COMMANDS = {  # every command that reads a base checkpoint, with {base} p
 
 
 @pytest.mark.parametrize("command", PICKLE_COMMANDS)
-def test_every_command_reading_a_base_offers_allow_pickle(lrs, llama, tmp_path, command):
+def test_every_command_reading_a_base_offers_allow_pickle(lrs, llama, tmp_path, pickled_copy, fill,
+                                                          assert_one_line_error, command):
     """The error names --allow-pickle, so the command must have it, and with it the pickled base reads."""
     base = pickled_copy(llama, tmp_path / "pickled", **{"model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64)})
     lrs_adapter = lrs_module_adapter(llama, tmp_path / "adapter")
@@ -410,9 +409,9 @@ def lrs_module_adapter(base: Path, out: Path) -> Path:
     return out
 
 
-def test_hub_id_resolves_from_cache_offline(tmp_path, monkeypatch, llama):
+def test_hub_id_resolves_from_cache_offline(tmp_path, cache_on_hub, llama):
     """A Hub id is served from the huggingface_hub cache (HF_HUB_OFFLINE), at the cached revision."""
-    commit = cache_on_hub(llama, "acme/tiny-llama", tmp_path / "hub", monkeypatch)
+    commit = cache_on_hub(llama, "acme/tiny-llama", tmp_path / "hub")
     ckpt = lrs.Checkpoint("acme/tiny-llama")
     assert ckpt.source.revision == commit and len(ckpt.shards) == 3
     with pytest.raises(LrsError, match="not in the Hub cache"):

@@ -18,9 +18,6 @@ import lowrank_surgery as ls
 from lowrank_surgery.convert import convert
 from lowrank_surgery.targets import linear_targets, load_weight
 
-from conftest import assert_one_line_error, moved_off_init
-
-
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
 
@@ -65,10 +62,19 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _adapter(method: str, base: Path, **kw) -> ls.Adapter:
-    """An adapter of `method` on every linear module (lm_head left out) with trainable parameters off their init."""
-    targets = ",".join(sorted({t.path.rsplit(".", 1)[-1] for t in linear_targets(ls.Checkpoint(base))} - {"lm_head"}))
-    return moved_off_init(ls.init_adapter(method, base, r=4, alpha=8, targets=targets, seed=0, **kw), scale=0.1)
+@pytest.fixture(scope="session")
+def adapter_of(recipe, moved_off_init):
+    """adapter_of(case, base): an adapter of a METHOD_CASES case (its method and options; rank 4 whatever the case's)
+    on every linear module (lm_head left out) with trainable parameters off their init."""
+
+    def build(case: str, base: Path) -> ls.Adapter:
+        method, _, options = recipe(case, base)
+        kinds = {t.path.rsplit(".", 1)[-1] for t in linear_targets(ls.Checkpoint(base))}
+        targets = ",".join(sorted(kinds - {"lm_head"}))
+        return moved_off_init(ls.init_adapter(method, base, r=4, alpha=8, targets=targets, seed=0, options=options),
+                              scale=0.1)
+
+    return build
 
 
 def _unpermute(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -128,28 +134,25 @@ def _check(adapter: ls.Adapter, base: Path, path: Path, family: str) -> None:
 
 
 @pytest.mark.parametrize("family", list(EXPECTED))
-def test_every_family_is_written_as_llamacpp_reads_it(bases, tmp_path, family):
-    adapter = _adapter("lora", bases[family])
+def test_every_family_is_written_as_llamacpp_reads_it(bases, tmp_path, adapter_of, family):
+    adapter = adapter_of("lora", bases[family])
     ls.save_adapter(adapter, tmp_path / "ad")
     report = convert(tmp_path / "ad", tmp_path / "adapter.gguf", "gguf", base=bases[family])
     assert report["to"] == "gguf" and not report["lossy"] and (tmp_path / "adapter.gguf").is_file()
     _check(adapter, bases[family], tmp_path / "adapter.gguf", family)
 
 
-@pytest.mark.parametrize("method, options", [
-    ("pissa", {}), ("cola", {"strategy": "heuristic"}), ("fossil", {"variant": "balance"}),
-    ("fossil", {"variant": "mini", "mini_r": 8}),
-])
-def test_methods_with_an_exact_lora_form_reach_llamacpp(bases, tmp_path, method, options):
-    adapter = _adapter(method, bases["llama"], options=options)
+@pytest.mark.method_cases(exclude=("lora", "fossil-bat"))  # LoRA: every family above; bat: refused below
+def test_methods_with_an_exact_lora_form_reach_llamacpp(bases, tmp_path, adapter_of, method_case):
+    adapter = adapter_of(method_case, bases["llama"])
     ls.save_adapter(adapter, tmp_path / "ad")
     convert(tmp_path / "ad", tmp_path / "adapter.gguf", "gguf", base=bases["llama"])
     _check(ls.load_adapter(tmp_path / "ad"), bases["llama"], tmp_path / "adapter.gguf", "llama")
 
 
-def test_module_scales_llamacpp_cannot_express_are_folded_into_b(bases, tmp_path, lrs):
+def test_module_scales_llamacpp_cannot_express_are_folded_into_b(bases, tmp_path, lrs, adapter_of):
     """llama.cpp has one alpha and takes r from each tensor: rsLoRA and per-module ranks/alphas go into lora_b."""
-    adapter = _adapter("lora", bases["llama"])
+    adapter = adapter_of("lora", bases["llama"])
     c = adapter.config
     c.rslora, c.alpha_pattern = True, {"model.layers.1.mlp.down_proj": 3.0}
     module = "model.layers.0.self_attn.q_proj"
@@ -180,15 +183,15 @@ def test_untied_lm_head_is_the_output_tensor(bases, tmp_path):
     ("exists", "already exists; pass --force"),
     ("bat", "--allow-lossy"),
 ])
-def test_what_llamacpp_cannot_load_is_refused_in_one_line(bases, tmp_path, lrs, case, expected):
+def test_what_llamacpp_cannot_load_is_refused_in_one_line(bases, tmp_path, lrs, adapter_of, assert_one_line_error,
+                                                          case, expected):
     base = {"gpt2": "gpt2", "tied-lm-head": "gemma2"}.get(case, "llama")
     if case == "gpt2":
         adapter = ls.init_adapter("lora", bases["gpt2"], r=2, alpha=4, seed=0)
     elif case == "tied-lm-head":
         adapter = ls.init_adapter("lora", bases[base], r=2, alpha=4, targets="q_proj,lm_head", seed=0)
     else:
-        adapter = _adapter("fossil" if case == "bat" else "lora", bases[base],
-                           options={"variant": "bat"} if case == "bat" else None)
+        adapter = adapter_of("fossil-bat" if case == "bat" else "lora", bases[base])
     ls.save_adapter(adapter, tmp_path / "ad")
     out = tmp_path / "adapter.gguf"
     if case == "exists":
@@ -199,13 +202,14 @@ def test_what_llamacpp_cannot_load_is_refused_in_one_line(bases, tmp_path, lrs, 
     assert not [p for p in tmp_path.iterdir() if ".lrs-" in p.name]
 
 
-@pytest.mark.parametrize("method, options", [("lora", None), ("cola", None), ("fossil", {"variant": "bat"})])
-def test_the_cards_convert_commands_run_as_written(bases, tmp_path, lrs, monkeypatch, method, options):
+@pytest.mark.method_cases("lora", "cola", "fossil-bat")
+def test_the_cards_convert_commands_run_as_written(bases, tmp_path, lrs, monkeypatch, adapter_of, recipe, method_case):
     """Every `lrs convert` line the model card shows runs as it stands, ADAPTER being the directory itself."""
     import re
     import shlex
 
-    adapter = _adapter(method, bases["llama"], options=options)
+    method = recipe(method_case, bases["llama"])[0]
+    adapter = adapter_of(method_case, bases["llama"])
     ls.save_adapter(adapter, tmp_path / "ad")
     card = (tmp_path / "ad" / "README.md").read_text()
     commands = re.findall(r"`(lrs convert [^`]+)`", card)

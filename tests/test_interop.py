@@ -25,8 +25,6 @@ from lowrank_surgery.convert import convert, lora_adapter, read_adapter
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.targets import linear_targets, load_weight
 
-from conftest import load_causal_lm, shape_of
-
 R, ALPHA = 4, 8.0
 COLA_TARGETS = "q_proj,v_proj,down_proj"
 
@@ -196,7 +194,7 @@ def _original_load(tensors: dict[str, torch.Tensor], path: str, kind: str, count
 
 @pytest.mark.parametrize("strategy, num_a, num_b, rslora", [("fully", 2, 3, False), ("random", 2, 3, True),
                                                             ("heuristic", 1, 3, False)])
-def test_convert_to_cola_is_what_the_original_code_loads(llama, tmp_path, strategy, num_a, num_b, rslora):
+def test_convert_to_cola_is_what_the_original_code_loads(llama, tmp_path, shape_of, strategy, num_a, num_b, rslora):
     """The original code ties its copies, so only equal copies load as written: its merged weight (residual +
     s·Σ_ij B_j A_i over the tied copies) is the source adapter's, and lrs reads the file back to the same ΔW."""
     adapter = _trained_cola(llama, strategy, num_a, num_b, rslora)
@@ -250,7 +248,7 @@ def test_convert_to_cola_refuses_heuristic_and_warns_on_randomized_init(llama, t
 
 
 @pytest.mark.parametrize("init_weights, r, mini_r", [(True, 5, 1), (False, 4, 1), ("mini", 4, 8), ("bat", 8, 1)])
-def test_peft_written_miss_adapter_imports(llama, tmp_path, init_weights, r, mini_r):
+def test_peft_written_miss_adapter_imports(llama, tmp_path, load_causal_lm, init_weights, r, mini_r):
     """PEFT's own MissConfig/save_pretrained output (no lrs block) gives PEFT's outputs in lrs."""
     from peft import MissConfig, PeftModel, get_peft_model
 
@@ -354,7 +352,7 @@ def _mlx_config(num_layers: int, keys: list[str], rank: int, scale: float, **ext
             "model": "mlx-community/tiny", "num_layers": num_layers, "seed": 0, "train": True, **extra}
 
 
-def test_mlx_lm_adapter_imports_with_scale_as_is(llama, tmp_path):
+def test_mlx_lm_adapter_imports_with_scale_as_is(llama, tmp_path, shape_of):
     """lora_a (in × r), lora_b (r × out) on the last num_layers layers; y += scale·(x·lora_a)·lora_b, scale not α/r."""
     keys, scale = ["self_attn.q_proj", "self_attn.v_proj"], 20.0
     targets = _targets(llama)

@@ -18,43 +18,9 @@ from lowrank_surgery.adapter import read_config, save_adapter
 from lowrank_surgery.cards import peft_loadable
 from lowrank_surgery.merge import WORKERS, merge, unmerge
 
-from conftest import assert_one_line_error, build_model, fill, load_causal_lm, lrs_block, moved_off_init
-
-# How to build an adapter of each method: name -> {case: (rank, options)}, where options may be a function of
-# the base path (for inputs built from it). A method missing here is tested with rank 4 and its defaults, so
-# new methods join automatically.
-def _subspace(base: Path) -> str:
-    """A CoRA subspace (rank 8, q/k/v) of `base`, built once next to it."""
-    from lowrank_surgery.subspace import extract_subspace
-
-    out = base.parent / f"{base.name}-subspace"
-    if not out.exists():
-        extract_subspace([base], out, rank=8)
-    return str(out)
-
-
-RECIPES: dict[str, dict[str, tuple[int, dict | Callable[[Path], dict]]]] = {
-    "fossil": {"balance": (5, {}), "mini": (4, {"variant": "mini", "mini_r": 8}), "bat": (8, {"variant": "bat"})},
-    "cola": {"fully": (4, {"strategy": "fully"}), "heuristic": (4, {"strategy": "heuristic"}),
-             "random": (4, {"strategy": "random"})},
-    "cora": {"frozen": (4, lambda base: {"subspace": _subspace(base)}),
-             "init": (4, lambda base: {"subspace": _subspace(base), "cora_mode": "init"})},
-}
-CASES = [(m, case) for m in lrs.METHODS for case in RECIPES.get(m, {"default": (4, {})})]
+# Adapters come from conftest's make_adapter: a METHOD_CASES case (every method and variant; a test taking
+# `method_case` runs for each) on the method's default targets, alpha 2r, moved off its init (ΔW ≠ 0).
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-def make_adapter(method: str, case: str, base: Path, seed: int = 1, targets: str | None = None) -> lrs.Adapter:
-    """An adapter (on the method's default targets) whose trainable parameters are moved off their init: ΔW ≠ 0."""
-    r, options = RECIPES.get(method, {}).get(case, (4, {}))
-    options = options(base) if callable(options) else options
-    return moved_off_init(lrs.init_adapter(method, base, r=r, alpha=2.0 * r, targets=targets, options=options,
-                                           seed=seed), seed=seed)
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    ckpt = lrs.Checkpoint(path)
-    return {name: ckpt.get(name) for name in ckpt.names()}
 
 
 def logits(model) -> torch.Tensor:
@@ -70,10 +36,11 @@ def assert_same_logits(merged: torch.Tensor, attached: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------------ correctness
 
 
-@pytest.mark.parametrize("method,case", CASES)
-def test_merge_formula_logits_and_roundtrip(llama, tmp_path, method, case):
+def test_merge_formula_logits_and_roundtrip(llama, tmp_path, method_case, recipe, make_adapter, tensors,
+                                            load_causal_lm):
     """W + ΔW per tensor, untouched tensors byte-identical, same logits as the attached adapter, exact unmerge."""
-    adapter = make_adapter(method, case, llama)
+    method = recipe(method_case, llama)[0]
+    adapter = make_adapter(method_case, llama)
     lrs.save_adapter(adapter, tmp_path / "ad")
     report = merge(tmp_path / "ad", llama, tmp_path / "merged")
     assert report.modules == len(adapter.weights) and report.method == method
@@ -98,15 +65,16 @@ def test_merge_formula_logits_and_roundtrip(llama, tmp_path, method, case):
         assert ((back[name] - w).norm() <= 1e-6 * w.norm()), name
 
 
-@pytest.mark.parametrize("method, case", CASES)
-def test_stock_peft_loads_every_adapter_without_a_warning(llama, tmp_path, method, case):
+def test_stock_peft_loads_every_adapter_without_a_warning(llama, tmp_path, method_case, recipe, make_adapter,
+                                                           lrs_block, load_causal_lm):
     """What lrs writes for PEFT (the adapter itself, or its --to peft-lora export) loads with warnings as errors:
     PEFT warns on config keys it does not know, and users read that as a broken file."""
     from peft import PeftModel
 
     from lowrank_surgery.convert import convert
 
-    adapter = make_adapter(method, case, llama)
+    method = recipe(method_case, llama)[0]
+    adapter = make_adapter(method_case, llama)
     lrs.save_adapter(adapter, tmp_path / "ad")
     assert "lrs" not in json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert lrs_block(tmp_path / "ad")["method"] == lrs.load_adapter(tmp_path / "ad").config.method == method
@@ -122,9 +90,9 @@ def test_stock_peft_loads_every_adapter_without_a_warning(llama, tmp_path, metho
         PeftModel.from_pretrained(model, loadable)
 
 
-def test_adapters_with_the_lrs_block_in_their_config_still_load(llama, tmp_path):
+def test_adapters_with_the_lrs_block_in_their_config_still_load(llama, tmp_path, make_adapter, lrs_block):
     """Adapters written before 0.2 keep the block in adapter_config.json; it still names the method (not peft_type)."""
-    adapter = make_adapter("cora", "frozen", llama)
+    adapter = make_adapter("cora", llama)
     lrs.save_adapter(adapter, tmp_path / "new")
     old = tmp_path / "old"
     old.mkdir()
@@ -140,8 +108,8 @@ def test_adapters_with_the_lrs_block_in_their_config_still_load(llama, tmp_path)
     ('["cora"]', "the 'lrs' metadata must be a JSON object"),
     ('{"method": "cora", "alpha": "x"}', "lrs.alpha must be a finite number"),
 ])
-def test_bad_lrs_metadata_is_one_line(lrs, llama, tmp_path, metadata, expected):
-    save_adapter(make_adapter("lora", "default", llama), tmp_path / "ad")
+def test_bad_lrs_metadata_is_one_line(lrs, llama, tmp_path, make_adapter, assert_one_line_error, metadata, expected):
+    save_adapter(make_adapter("lora", llama), tmp_path / "ad")
     weights = tmp_path / "ad" / "adapter_model.safetensors"
     save_file(load_file(weights), weights, metadata={"lrs": metadata})
     assert_one_line_error(lrs("merge", str(tmp_path / "ad"), str(llama), str(tmp_path / "out")), expected)
@@ -149,20 +117,21 @@ def test_bad_lrs_metadata_is_one_line(lrs, llama, tmp_path, metadata, expected):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_merge_matches_peft_merge_and_unload(tiny_models, tmp_path, arch):
+def test_merge_matches_peft_merge_and_unload(tiny_models, tmp_path, method_table, make_adapter, tensors,
+                                            load_causal_lm, arch):
     """Every PEFT-loadable method (LoRA with non-zero B, FOSSIL) against PEFT, tensor by tensor; GPT-2 is Conv1D."""
     from peft import PeftModel
 
     base = tiny_models[arch]
     checked = 0
-    for method, case in CASES if arch == "llama" else [("lora", "default")]:  # GPT-2: Conv1D, LoRA only in PEFT
-        adapter = make_adapter(method, case, base)
+    for case in method_table if arch == "llama" else ["lora"]:  # GPT-2: Conv1D, LoRA only in PEFT
+        adapter = make_adapter(case, base)
         if not peft_loadable(adapter):
             continue
-        lrs.save_adapter(adapter, tmp_path / f"{method}-{case}")
-        merge(tmp_path / f"{method}-{case}", base, tmp_path / f"m-{method}-{case}")
-        ours = tensors(tmp_path / f"m-{method}-{case}")
-        peft = PeftModel.from_pretrained(load_causal_lm(base), tmp_path / f"{method}-{case}").merge_and_unload()
+        lrs.save_adapter(adapter, tmp_path / case)
+        merge(tmp_path / case, base, tmp_path / f"m-{case}")
+        ours = tensors(tmp_path / f"m-{case}")
+        peft = PeftModel.from_pretrained(load_causal_lm(base), tmp_path / case).merge_and_unload()
         theirs = peft.state_dict()
         for name in ours:
             if name in theirs:
@@ -173,29 +142,41 @@ def test_merge_matches_peft_merge_and_unload(tiny_models, tmp_path, arch):
     assert checked >= 1
 
 
-def _bare(model: Path, out: Path) -> Path:
-    """The checkpoint's tensors as one bare .safetensors file, with no config.json next to it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors(model), out)
-    return out
+@pytest.fixture(scope="session")
+def bare_copy(tensors) -> Callable[[Path, Path], Path]:
+    """bare_copy(model, out): the checkpoint's tensors as one bare .safetensors file, with no config.json next to it."""
+
+    def write(model: Path, out: Path) -> Path:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors(model), out)
+        return out
+
+    return write
 
 
-def _peft_gpt2_lora(base: Path, out: Path):
-    """A PEFT LoRA (random B) on GPT-2's Conv1D modules, saved in `out`; returns PEFT's merge_and_unload model."""
-    from peft import LoraConfig, get_peft_model
+@pytest.fixture(scope="session")
+def peft_gpt2_lora(load_causal_lm):
+    """peft_gpt2_lora(base, out): a PEFT LoRA (random B) on GPT-2's Conv1D modules, saved in `out`; returns PEFT's
+    merge_and_unload model."""
 
-    torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)
-    model = get_peft_model(load_causal_lm(base), config)
-    model.save_pretrained(out)
-    return model.merge_and_unload()
+    def build(base: Path, out: Path):
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)
+        model = get_peft_model(load_causal_lm(base), config)
+        model.save_pretrained(out)
+        return model.merge_and_unload()
+
+    return build
 
 
-def test_bare_gpt2_file_takes_the_layout_the_adapter_declares(tiny_models, tmp_path):
+def test_bare_gpt2_file_takes_the_layout_the_adapter_declares(tiny_models, tmp_path, bare_copy, peft_gpt2_lora,
+                                                              tensors):
     """No config.json: GPT-2's square attn.c_proj (Conv1D, stored transposed) cannot be told from its shape, so
     the adapter's fan_in_fan_out decides; merge equals PEFT's on the real model and unmerge gives the base back."""
-    bare = _bare(tiny_models["gpt2"], tmp_path / "bare" / "model.safetensors")
-    theirs = _peft_gpt2_lora(tiny_models["gpt2"], tmp_path / "ad").state_dict()
+    bare = bare_copy(tiny_models["gpt2"], tmp_path / "bare" / "model.safetensors")
+    theirs = peft_gpt2_lora(tiny_models["gpt2"], tmp_path / "ad").state_dict()
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     merge(tmp_path / "ad", bare, tmp_path / "merged.safetensors")
     ours, original = tensors(tmp_path / "merged.safetensors"), tensors(bare)
@@ -209,10 +190,11 @@ def test_bare_gpt2_file_takes_the_layout_the_adapter_declares(tiny_models, tmp_p
 
 
 @pytest.mark.parametrize("method,targets", [("pissa", "c_proj"), ("lora", "all-linear")])
-def test_init_from_a_bare_gpt2_file_refuses_square_weights_it_cannot_orient(tiny_models, tmp_path, method, targets):
+def test_init_from_a_bare_gpt2_file_refuses_square_weights_it_cannot_orient(tiny_models, tmp_path, bare_copy,
+                                                                            method, targets):
     """GPT-2's other weights show it stores them transposed; its square attn.c_proj could be either way round
     (PiSSA would decompose Wᵀ for W), so init refuses instead of taking it for nn.Linear."""
-    bare = _bare(tiny_models["gpt2"], tmp_path / "bare" / "model.safetensors")
+    bare = bare_copy(tiny_models["gpt2"], tmp_path / "bare" / "model.safetensors")
     with pytest.raises(lrs.LrsError, match=r"cannot tell whether .* stores transformer\.h\.0\.attn\.c_proj\.weight transposed"):
         lrs.init_adapter(method, bare, r=2, targets=targets)
     lrs.init_adapter(method, bare, r=2, targets="c_attn,c_fc")  # non-square: the bias tells the layout
@@ -227,7 +209,7 @@ PEFT_PATTERNS = {  # LoraConfig fields beyond r=4, lora_alpha=8 on q_proj and v_
 
 
 @pytest.mark.parametrize("case", PEFT_PATTERNS)
-def test_peft_patterns_and_rslora_match_peft(llama, tmp_path, case):
+def test_peft_patterns_and_rslora_match_peft(llama, tmp_path, tensors, load_causal_lm, case):
     """An adapter PEFT itself builds with per-module ranks, alphas and rsLoRA: lrs reads the same scales, so the
     attached outputs and the merged weights equal PEFT's."""
     from peft import LoraConfig, get_peft_model
@@ -253,9 +235,9 @@ def test_peft_patterns_and_rslora_match_peft(llama, tmp_path, case):
 
 
 @pytest.mark.parametrize("method", [m for m, cls in lrs.METHODS.items() if cls.completable])
-def test_adapter_lacking_completable_parameters(llama, tmp_path, method):
+def test_adapter_lacking_completable_parameters(llama, tmp_path, make_adapter, tensors, method):
     """Parameters an imported adapter may lack are recomputed from the base at merge; unmerge refuses without them."""
-    full = make_adapter(method, next(iter(RECIPES.get(method, {"default": None}))), llama)
+    full = make_adapter(method, llama)  # the method's default case
     lacking = lambda: lrs.Adapter(full.config, {  # noqa: E731  (merge completes it in place: a fresh one each time)
         path: {n: t for n, t in params.items() if n not in full.method.completable} for path, params in full.weights.items()})
     merge(full, llama, tmp_path / "full")
@@ -268,9 +250,9 @@ def test_adapter_lacking_completable_parameters(llama, tmp_path, method):
     assert not (tmp_path / "back").exists()
 
 
-def test_bf16_unmerge_is_correctly_rounded_and_bounded(tmp_path):
+def test_bf16_unmerge_is_correctly_rounded_and_bounded(tmp_path, build_model, make_adapter, tensors):
     base = build_model("llama", tmp_path / "bf16", dtype=torch.bfloat16)
-    adapter = make_adapter("lora", "default", base)
+    adapter = make_adapter("lora", base)
     lrs.save_adapter(adapter, tmp_path / "ad")
     merge(tmp_path / "ad", base, tmp_path / "merged")
     report = unmerge(tmp_path / "ad", tmp_path / "merged", tmp_path / "back")
@@ -292,7 +274,7 @@ def test_bf16_unmerge_is_correctly_rounded_and_bounded(tmp_path):
     assert 0 < worst <= bound["absolute"] and bound["relative"] <= 2**-6
 
 
-def test_unmerge_bound_holds_for_ill_conditioned_bat(tmp_path):
+def test_unmerge_bound_holds_for_ill_conditioned_bat(tmp_path, tensors):
     """FOSSIL bat amplifies the merged weights' rounding by (I + D_b)⁻¹: the reported bound is the largest over
     tensors and is not below the actual distance from the original base (one tensor badly conditioned with large
     weights, another milder with tiny ones, whose relative bound is the larger)."""
@@ -315,8 +297,8 @@ def test_unmerge_bound_holds_for_ill_conditioned_bat(tmp_path):
     assert bound["tensor"] == "a.proj.weight" and bound["merged_dtype"] == "float32"
 
 
-def test_multishard_layout_kept_or_resharded(llama, tmp_path):
-    adapter = make_adapter("lora", "default", llama, targets="q_proj,v_proj")
+def test_multishard_layout_kept_or_resharded(llama, tmp_path, make_adapter, tensors):
+    adapter = make_adapter("lora", llama, targets="q_proj,v_proj")
     lrs.save_adapter(adapter, tmp_path / "ad")
     merge(tmp_path / "ad", llama, tmp_path / "same")
     files = lambda p: sorted(f.name for f in p.iterdir())  # noqa: E731
@@ -336,7 +318,7 @@ def test_multishard_layout_kept_or_resharded(llama, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
-def test_tied_output_layer_is_untied(tiny_models, tmp_path, arch):
+def test_tied_output_layer_is_untied(tiny_models, tmp_path, tensors, load_causal_lm, arch):
     """An adapter on a tied lm_head (absent from the checkpoint) writes it separately and unties the config."""
     base = tiny_models[arch]
     gen = torch.Generator().manual_seed(0)
@@ -357,8 +339,8 @@ def test_tied_output_layer_is_untied(tiny_models, tmp_path, arch):
 # ------------------------------------------------------------------------------------------------ CLI and bad input
 
 
-def test_cli_merge_unmerge_json_and_text(lrs, llama, tmp_path):
-    adapter = make_adapter("lora", "default", llama, targets="q_proj")
+def test_cli_merge_unmerge_json_and_text(lrs, llama, tmp_path, make_adapter):
+    adapter = make_adapter("lora", llama, targets="q_proj")
     save_adapter(adapter, tmp_path / "ad")
     res = lrs("merge", tmp_path / "ad", llama, tmp_path / "m", "--dtype", "bfloat16", "--json")
     assert res.code == 0, res.stderr
@@ -371,12 +353,12 @@ def test_cli_merge_unmerge_json_and_text(lrs, llama, tmp_path):
         assert f"Example: lrs {command}" in lrs(command, "--help").stdout
 
 
-def _wrong_shape(llama, tmp_path) -> Path:
-    adapter = make_adapter("lora", "default", llama, targets="q_proj")
+def _wrong_shape(adapter: lrs.Adapter, out: Path) -> Path:
+    """The q_proj LoRA `adapter` saved in `out` with layer 1's lora_A of the wrong shape."""
     params = adapter.weights["model.layers.1.self_attn.q_proj"]
     params["lora_A.weight"] = torch.zeros(4, 32)
-    save_adapter(adapter, tmp_path / "wrong-shape")
-    return tmp_path / "wrong-shape"
+    save_adapter(adapter, out)
+    return out
 
 
 def _edited_config(good: Path, out: Path, edit: Callable[[dict], object]) -> Path:
@@ -408,16 +390,16 @@ CONFIG_EDITS: dict[str, Callable[[dict], object]] = {  # adapter_config.json edi
 
 
 @pytest.fixture(scope="module")
-def merge_inputs(tiny_models, tmp_path_factory) -> Path:
+def merge_inputs(tiny_models, tmp_path_factory, make_adapter, bare_copy, peft_gpt2_lora) -> Path:
     """Good and broken adapters and bases for the merge table below, built once."""
     root = tmp_path_factory.mktemp("merge-inputs")
     llama = tiny_models["llama"]
-    save_adapter(make_adapter("lora", "default", llama, targets="q_proj"), root / "good")
-    save_adapter(make_adapter("lora", "default", tiny_models["gpt2"]), root / "gpt2-adapter")
-    infinite = make_adapter("lora", "default", llama, targets="q_proj")
+    save_adapter(make_adapter("lora", llama, targets="q_proj"), root / "good")
+    save_adapter(make_adapter("lora", tiny_models["gpt2"]), root / "gpt2-adapter")
+    infinite = make_adapter("lora", llama, targets="q_proj")
     infinite.weights["model.layers.0.self_attn.q_proj"]["lora_B.weight"][0, 0] = float("inf")
     save_adapter(infinite, root / "infinite")
-    _wrong_shape(llama, root)
+    _wrong_shape(make_adapter("lora", llama, targets="q_proj"), root / "wrong-shape")
     (root / "corrupt").mkdir()
     for f in llama.iterdir():
         data = f.read_bytes()
@@ -427,9 +409,9 @@ def merge_inputs(tiny_models, tmp_path_factory) -> Path:
         _edited_config(root / "good", root / name, edit)
     small, _ = _small_base_and_adapter(root)
     _with_negative_dims(small, root / "negative.safetensors")
-    _peft_gpt2_lora(tiny_models["gpt2"], root / "gpt2-peft")
+    peft_gpt2_lora(tiny_models["gpt2"], root / "gpt2-peft")
     _edited_config(root / "gpt2-peft", root / "undeclared", lambda c: c.pop("fan_in_fan_out"))
-    _bare(tiny_models["gpt2"], root / "bare-gpt2" / "model.safetensors")
+    bare_copy(tiny_models["gpt2"], root / "bare-gpt2" / "model.safetensors")
     return root
 
 
@@ -466,7 +448,8 @@ MERGE_BAD = {  # expected message -> ADAPTER BASE OUT [options]; OUT is a fresh 
 
 
 @pytest.mark.parametrize("expected", MERGE_BAD)
-def test_bad_input_exits_1_with_one_line_and_leaves_nothing(lrs, tiny_models, merge_inputs, tmp_path, expected):
+def test_bad_input_exits_1_with_one_line_and_leaves_nothing(lrs, tiny_models, merge_inputs, tmp_path, fill,
+                                                            assert_one_line_error, expected):
     adapter, base, out, *options = fill(MERGE_BAD[expected], root=merge_inputs, llama=tiny_models["llama"])
     out = tmp_path / "out" if out == "OUT" else Path(out)
     assert_one_line_error(lrs("merge", adapter, base, out, *options), expected)
@@ -474,9 +457,9 @@ def test_bad_input_exits_1_with_one_line_and_leaves_nothing(lrs, tiny_models, me
     assert not [p for p in [*tmp_path.iterdir(), *merge_inputs.iterdir()] if ".lrs-tmp" in p.name]
 
 
-def test_null_patterns_are_no_patterns(llama, tmp_path):
+def test_null_patterns_are_no_patterns(llama, tmp_path, make_adapter):
     """PEFT writers that store null for an empty rank_pattern/alpha_pattern: the adapter loads with none."""
-    save_adapter(make_adapter("lora", "default", llama, targets="q_proj"), tmp_path / "good")
+    save_adapter(make_adapter("lora", llama, targets="q_proj"), tmp_path / "good")
     edited = _edited_config(tmp_path / "good", tmp_path / "null", lambda c: c.update(rank_pattern=None, alpha_pattern=None))
     config = lrs.load_adapter(edited).config
     assert config.rank_pattern == {} and config.alpha_pattern == {}
@@ -508,25 +491,32 @@ def _with_negative_dims(base: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("command", ["merge", "unmerge"])
-def test_cast_that_overflows_is_refused(lrs, tmp_path, command):
+def test_cast_that_overflows_is_refused(lrs, tmp_path, assert_clean_failure, tensors, command):
     """--dtype float16 on a base holding an untouched tensor beyond float16's range: one line, no inf written."""
     base, adapter = _small_base_and_adapter(tmp_path)
     out = tmp_path / "out"
     res = lrs(command, adapter, base, out, "--dtype", "float16")
-    _assert_clean_failure(res, "tensor big.weight holds 1e+05, beyond the range of float16", tmp_path, out)
+    assert_clean_failure(res, "tensor big.weight holds 1e+05, beyond the range of float16", tmp_path, out)
     assert lrs(command, adapter, base, out, "--dtype", "bfloat16").code == 0
     written = tensors(out)["big.weight"]
     assert written.dtype == torch.bfloat16 and torch.isfinite(written).all() and written[1] < -9e4
 
 
-def _assert_clean_failure(res, expected: str, tmp_path: Path, out: Path) -> None:
-    assert_one_line_error(res, expected)
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if ".lrs-tmp" in p.name]
+@pytest.fixture(scope="session")
+def assert_clean_failure(assert_one_line_error):
+    """assert_clean_failure(res, expected, tmp_path, out): a one-line error that left neither OUT nor a temporary."""
+
+    def check(res, expected: str, tmp_path: Path, out: Path) -> None:
+        assert_one_line_error(res, expected)
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if ".lrs-tmp" in p.name]
+
+    return check
 
 
-def test_no_space_left_removes_the_temporary_output(lrs, llama, tmp_path, monkeypatch):
-    save_adapter(make_adapter("lora", "default", llama, targets="q_proj"), tmp_path / "ad")
+def test_no_space_left_removes_the_temporary_output(lrs, llama, tmp_path, monkeypatch, make_adapter,
+                                                    assert_clean_failure):
+    save_adapter(make_adapter("lora", llama, targets="q_proj"), tmp_path / "ad")
     calls = []
 
     def full_disk(self, name, *data):
@@ -537,5 +527,5 @@ def test_no_space_left_removes_the_temporary_output(lrs, llama, tmp_path, monkey
     monkeypatch.setattr("lowrank_surgery.merge.ShardedWriter.write", full_disk)
     monkeypatch.setattr("lowrank_surgery.merge.ShardedWriter.copy", full_disk)
     res = lrs("merge", tmp_path / "ad", llama, tmp_path / "out")
-    _assert_clean_failure(res, "no space left on device", tmp_path, tmp_path / "out")
+    assert_clean_failure(res, "no space left on device", tmp_path, tmp_path / "out")
     assert 4 <= len(calls) <= 4 + WORKERS  # workers already busy may finish their tensor; the rest never start

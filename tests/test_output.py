@@ -23,8 +23,6 @@ from lowrank_surgery.errors import LrsError
 from lowrank_surgery.initialize import init_adapter
 from lowrank_surgery.subspace import default_subspace_out
 
-from conftest import assert_one_line_error, cache_on_hub
-
 CLI = [sys.executable, "-c", "from lowrank_surgery.cli.app import main; main()"]
 
 
@@ -267,7 +265,7 @@ def _output_line(res) -> str:
     return res.stdout.strip().splitlines()[-1]
 
 
-def test_init_without_out_writes_in_the_current_directory(lrs, llama, tmp_path, monkeypatch):
+def test_init_without_out_writes_in_the_current_directory(lrs, llama, tmp_path, monkeypatch, assert_one_line_error):
     monkeypatch.chdir(tmp_path)
     res = lrs("init", "--method", "cola", "--base", llama, "--rank", "2", "--targets", "q_proj")
     expected = f"{llama.name}-cola-r2"
@@ -280,7 +278,8 @@ def test_init_without_out_writes_in_the_current_directory(lrs, llama, tmp_path, 
     assert written == Path(f"{llama.name}-lora-r2") and (tmp_path / written / "adapter_config.json").is_file()
 
 
-def test_extract_subspace_without_out_is_named_after_every_model(lrs, llama, tmp_path, monkeypatch):
+def test_extract_subspace_without_out_is_named_after_every_model(lrs, llama, tmp_path, monkeypatch,
+                                                                 assert_one_line_error):
     (tmp_path / "twin").symlink_to(llama)
     monkeypatch.chdir(tmp_path)
     res = lrs("extract-subspace", llama, "twin", "--rank", "2", "--json")
@@ -290,8 +289,9 @@ def test_extract_subspace_without_out_is_named_after_every_model(lrs, llama, tmp
     assert_one_line_error(lrs("extract-subspace", llama, "twin", "--rank", "2"), f"{expected} already exists")
 
 
-def test_a_hub_id_with_a_revision_names_the_output_after_the_repository(lrs, llama, tmp_path, monkeypatch):
-    commit = cache_on_hub(llama, "acme/tiny-llama", tmp_path / "hub", monkeypatch)
+def test_a_hub_id_with_a_revision_names_the_output_after_the_repository(lrs, llama, tmp_path, monkeypatch,
+                                                                        cache_on_hub):
+    commit = cache_on_hub(llama, "acme/tiny-llama", tmp_path / "hub")
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     for args, expected in [(["init", "--method", "lora", "--base", "acme/tiny-llama"], "tiny-llama-lora-r8"),

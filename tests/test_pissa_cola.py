@@ -14,8 +14,6 @@ from lowrank_surgery.errors import LrsError
 from lowrank_surgery.methods.pissa import pissa_factors
 from lowrank_surgery.targets import load_weight
 
-from conftest import assert_one_line_error, load_causal_lm
-
 R, ALPHA = 4, 8.0
 S = ALPHA / R
 
@@ -44,7 +42,7 @@ def test_pissa_factors_are_the_rank_r_truncation(llama):
 
 
 @pytest.mark.parametrize("svd", ["exact", "gram"])
-def test_pissa_factors_match_peft_pissa_init(llama, svd):
+def test_pissa_factors_match_peft_pissa_init(llama, load_causal_lm, svd):
     """PEFT's init_lora_weights="pissa" is the oracle: same rank-r part (exact: the same float32 SVD)."""
     from peft import LoraConfig, get_peft_model
 
@@ -122,8 +120,9 @@ def _shape(params) -> tuple[int, int]:
     return params["pissa_B0.weight"].shape[0], params["pissa_A0.weight"].shape[1]
 
 
-@pytest.mark.parametrize("strategy", ["fully", "heuristic", "random"])
-def test_cola_strategies_match_reference(llama, strategy):
+@pytest.mark.method_cases(method="cola")  # every CoLA strategy the shared table tests, here with 2 A's and 5 B's
+def test_cola_strategies_match_reference(llama, recipe, method_case):
+    strategy = recipe(method_case, llama)[2]["strategy"]
     adapter = _cola(llama, strategy)
     method = adapter.method
     for path, params in adapter.weights.items():
@@ -151,7 +150,7 @@ def _residual_linear(layer, x, delta):
     return x @ (layer.weight + delta).T + (0 if layer.bias is None else layer.bias)
 
 
-def test_cola_random_draws_are_seeded_and_eval_is_the_expectation(llama):
+def test_cola_random_draws_are_seeded_and_eval_is_the_expectation(llama, load_causal_lm):
     adapter = _cola(llama, "random", num_a=2, num_b=3, targets="q_proj")
     _perturb(adapter)
     path = "model.layers.0.self_attn.q_proj"
@@ -183,7 +182,7 @@ def test_cola_random_draws_are_seeded_and_eval_is_the_expectation(llama):
     torch.testing.assert_close(evals[0], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_original_cola_layout_imports_with_recomputed_residual(llama, tmp_path):
+def test_original_cola_layout_imports_with_recomputed_residual(llama, tmp_path, load_causal_lm):
     """An adapter as the original code saves it: no frozen factors, residual recomputed by PiSSA."""
     directory = tmp_path / "orig"
     directory.mkdir()
@@ -244,7 +243,7 @@ PISSA_COLA_BAD = {  # (method, expected message) -> init options
 
 
 @pytest.mark.parametrize("method, expected", PISSA_COLA_BAD)
-def test_bad_pissa_cola_input_exits_1(lrs, llama, tmp_path, method, expected):
+def test_bad_pissa_cola_input_exits_1(lrs, llama, tmp_path, assert_one_line_error, method, expected):
     out = tmp_path / "out"
     res = lrs("init", "--method", method, "--base", llama, "--out", out, "--targets", "k_proj",
               *PISSA_COLA_BAD[method, expected])

@@ -17,8 +17,6 @@ from lowrank_surgery import cards
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.hub import push
 
-from conftest import assert_one_line_error, cache_on_hub, fill
-
 SECRET = "hf_secretTOKEN1234567890abcdef"
 BASE_ID = "acme/tiny-llama"
 USER_TEXT = "My own notes about this adapter.\n"
@@ -125,7 +123,7 @@ def test_card_update_is_stable_and_replaces_only_its_section(adapter_dir):
     assert refreshed.count(cards.BEGIN) == 1 and USER_TEXT in refreshed
 
 
-def test_pipeline_tag_from_the_base_config(llama, tmp_path, monkeypatch):
+def test_pipeline_tag_from_the_base_config(llama, tmp_path, monkeypatch, cache_on_hub):
     adapter = lrs.init_adapter("lora", llama, r=2, targets="q_proj")
     assert validated(cards.adapter_card(adapter)).get("pipeline_tag") == "text-generation"  # local base path
     assert "base_model" not in validated(cards.adapter_card(adapter))  # a local path is not a Hub id
@@ -135,7 +133,7 @@ def test_pipeline_tag_from_the_base_config(llama, tmp_path, monkeypatch):
     assert "base_model" not in validated(cards.adapter_card(adapter))
     adapter.config.base_model = BASE_ID
     assert "pipeline_tag" not in validated(cards.adapter_card(adapter))  # not cached: no guess, no network
-    cache_on_hub(llama, BASE_ID, tmp_path / "hub", monkeypatch)
+    cache_on_hub(llama, BASE_ID, tmp_path / "hub")
     assert validated(cards.adapter_card(adapter))["pipeline_tag"] == "text-generation"
 
 
@@ -274,7 +272,7 @@ PUSH_BAD = {  # expected message -> (PATH, REPO_ID)
 
 
 @pytest.mark.parametrize("expected", PUSH_BAD)
-def test_bad_input_exits_1_with_one_line(lrs, adapter_dir, bad_dirs, expected):
+def test_bad_input_exits_1_with_one_line(lrs, adapter_dir, bad_dirs, fill, assert_one_line_error, expected):
     assert_one_line_error(lrs("push", *fill(PUSH_BAD[expected], root=bad_dirs, adapter=adapter_dir), "--dry-run"),
                           expected)
 

@@ -14,9 +14,6 @@ from safetensors.torch import load_file, save_file
 from lowrank_surgery.adapter import save_adapter
 from lowrank_surgery.merge import merge
 
-from conftest import load_causal_lm
-from test_merge import make_adapter, tensors
-
 BLOCK = (16, 24)  # rows × columns per scale; 24 does not divide the widths (64, 96): edge blocks are cut
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
@@ -49,7 +46,7 @@ def _is_quantized(name: str, t: torch.Tensor) -> bool:
 
 
 @pytest.fixture(scope="module")
-def fp8_llama(tiny_models, tmp_path_factory) -> Path:
+def fp8_llama(tiny_models, tmp_path_factory, tensors) -> Path:
     """The tiny Llama with every decoder linear in float8_e4m3fn with block scales, the rest in bfloat16."""
     out = tmp_path_factory.mktemp("fp8") / "llama-fp8"
     out.mkdir()
@@ -67,8 +64,9 @@ def fp8_llama(tiny_models, tmp_path_factory) -> Path:
     return out
 
 
-def test_fp8_merge_dequantizes_into_a_plain_checkpoint(fp8_llama, llama, tmp_path):
-    adapter = make_adapter("lora", "default", llama, targets="q_proj,v_proj")
+def test_fp8_merge_dequantizes_into_a_plain_checkpoint(fp8_llama, llama, tmp_path, make_adapter, tensors,
+                                                        load_causal_lm):
+    adapter = make_adapter("lora", llama, targets="q_proj,v_proj")
     save_adapter(adapter, tmp_path / "ad")
     report = merge(tmp_path / "ad", fp8_llama, tmp_path / "merged", dtype="bfloat16")
     stored, merged = load_file(fp8_llama / "model.safetensors"), tensors(tmp_path / "merged")
@@ -118,11 +116,11 @@ def _gptq_layout(out: Path) -> Path:
 
 @pytest.mark.parametrize("command", ["merge-auto", "merge-gptq", "merge-bnb", "unmerge", "init-pissa", "init-cola",
                                      "init-bat", "init-gptq-layout", "extract-subspace", "extract-lora", "train"])
-def test_quantized_base_refused_in_one_line(lrs, fp8_llama, llama, tmp_path, command):
+def test_quantized_base_refused_in_one_line(lrs, fp8_llama, llama, tmp_path, make_adapter, command):
     """Every command that computes with the base's weights refuses a quantized one (merge only dequantizes fp8
     with block scales, and only into an explicit --dtype)."""
     lrs_adapter = tmp_path / "ad"
-    save_adapter(make_adapter("lora", "default", llama, targets="q_proj"), lrs_adapter)
+    save_adapter(make_adapter("lora", llama, targets="q_proj"), lrs_adapter)
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "hello world"}\n')
     gptq = {"quant_method": "gptq", "bits": 4, "group_size": 128}

@@ -19,9 +19,6 @@ from lowrank_surgery.data import collate, load_dataset, step_indices
 from lowrank_surgery.errors import LrsError
 from lowrank_surgery.train import STATE_DIR, TrainConfig, train
 
-from conftest import assert_one_line_error, fill, load_causal_lm, pickled_copy
-from train_fixtures import chat_models, char_tokenizer  # noqa: F401  (fixture)
-
 QA = [{"prompt": f"Q: {a}+{b}=", "completion": f"{a + b}"} for a in range(6) for b in range(6)]
 CHATS = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w * 2}]}
          for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op")]
@@ -55,7 +52,7 @@ def losses(out: Path) -> list[float]:
 
 
 # ---------------------------------------------------------------------------- data
-def test_masks_follow_the_format(tmp_path):
+def test_masks_follow_the_format(tmp_path, char_tokenizer):
     tok = char_tokenizer()
     data = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "hello"}, {"prompt": "2+2=", "completion": "4"}, CHATS[0]])
     examples = load_dataset(data, tok, seq_len=64).examples
@@ -70,7 +67,7 @@ def test_masks_follow_the_format(tmp_path):
     assert (batch["targets"][1, len(expected):] == -100).all() and batch["attention_mask"][1].sum() == len(row.ids)
 
 
-def test_truncation_and_packing(tmp_path):
+def test_truncation_and_packing(tmp_path, char_tokenizer):
     tok = char_tokenizer()
     data = write_jsonl(tmp_path / "t.jsonl", [{"text": "x" * 30}, {"text": "short"}, {"prompt": "p" * 40, "completion": "c"}])
     plain = load_dataset(data, tok, seq_len=16)
@@ -95,14 +92,14 @@ def test_stream_is_a_function_of_the_step():
     ('{"input": "x"}\n', r"bad\.jsonl:1: expected a 'text'"),
     ('{"prompt": "x", "completion": 3}\n', r"bad\.jsonl:1: 'completion' must be a string"),
 ])
-def test_bad_data_names_file_and_line(tmp_path, content, message):
+def test_bad_data_names_file_and_line(tmp_path, char_tokenizer, content, message):
     (tmp_path / "bad.jsonl").write_text(content)
     with pytest.raises(LrsError, match=message):
         load_dataset(tmp_path / "bad.jsonl", char_tokenizer(), seq_len=32)
 
 
 # ---------------------------------------------------------------------------- the loop
-def test_training_lowers_eval_loss_and_writes_an_adapter(setup, tmp_path):
+def test_training_lowers_eval_loss_and_writes_an_adapter(setup, tmp_path, char_tokenizer, load_causal_lm):
     out = tmp_path / "out"
     summary = train(setup["adapter"], setup["base"], setup["data"], out, steps=12, lr=2e-2, batch_size=6,
                     grad_accum=2, seq_len=32, eval_data=setup["eval"], eval_every=6, save_every=6, warmup=3,
@@ -195,15 +192,10 @@ def test_nonfinite_parameters_stop_before_a_checkpoint(setup, tmp_path, monkeypa
     assert all(torch.isfinite(t).all() for p in lrs.load_adapter(out).weights.values() for t in p.values())
 
 
-@pytest.mark.parametrize("method", sorted(lrs.METHODS))
-def test_every_method_trains_only_its_trainable_parameters(method, chat_models, tmp_path):
-    base = chat_models["gpt2"] if method == "lora" else chat_models["llama"]  # gpt2: Conv1D layers
-    options = {}
-    if method == "cora":  # CoRA's B comes from a common subspace of the base; frozen mode trains A only
-        from lowrank_surgery.subspace import extract_subspace
-
-        extract_subspace([base], tmp_path / "subspace", rank=4, targets="all-linear", device="cpu")
-        options = {"subspace": str(tmp_path / "subspace"), "cora_mode": "frozen"}
+@pytest.mark.method_cases(*lrs.METHODS)  # each method's default case (CoRA: a subspace of the base, frozen mode)
+def test_every_method_trains_only_its_trainable_parameters(method_case, chat_models, recipe, tmp_path):
+    base = chat_models["gpt2"] if method_case == "lora" else chat_models["llama"]  # gpt2: Conv1D layers
+    method, _, options = recipe(method_case, base)  # at rank 4 whatever the case's
     start = lrs.init_adapter(method, base, r=4, seed=2, targets="all-linear", options=options)
     frozen = start.method.frozen
     assert method != "cora" or frozen == {"lora_B.weight"}
@@ -276,7 +268,7 @@ def _edit_state(path: Path, change) -> None:
 
 
 @pytest.fixture(scope="module")
-def train_inputs(setup, chat_models, tiny_models) -> Path:
+def train_inputs(setup, chat_models, tiny_models, char_tokenizer, pickled_copy) -> Path:
     """Data files, bases and broken checkpoints for the table below, built once."""
     root = setup["root"] / "bad"
     root.mkdir()
@@ -337,7 +329,8 @@ TRAIN_BAD = {  # expected message -> arguments after `lrs train` (--out a fresh 
 
 
 @pytest.mark.parametrize("expected", TRAIN_BAD)
-def test_cli_bad_input_is_one_line(lrs, setup, chat_models, tiny_models, train_inputs, tmp_path, expected):
+def test_cli_bad_input_is_one_line(lrs, setup, chat_models, tiny_models, train_inputs, tmp_path, fill,
+                                   assert_one_line_error, expected):
     resume = "{adapter} --base {base} --data {data} --resume --out"
     args = [part for arg in TRAIN_BAD[expected] for part in (resume.split() if arg == "{resume}" else [arg])]
     args = fill(args, root=train_inputs, gpt2=chat_models["gpt2"], qwen2=tiny_models["qwen2"],
