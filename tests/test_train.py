@@ -216,6 +216,7 @@ train(adapter, base, data, out, steps=3, lr=1e-2, batch_size=4, grad_accum=2, se
 """
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(setup, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(DDP_SCRIPT)
@@ -391,6 +392,7 @@ def test_resume_keeps_what_else_out_holds(setup, tmp_path):
     assert (out / "notes" / "todo.txt").read_text() == "compare with rank 8"
 
 
+@pytest.mark.slow
 def test_a_run_holds_out_from_start_to_end(setup, tmp_path):
     """A second run on an OUT another run holds (even before its first checkpoint) is refused."""
     out = tmp_path / "out"
