@@ -40,8 +40,9 @@ def timed(run: Callable[[], object]) -> tuple[object, float]:
 
 
 def run_tests(report: dict, tests: list[str]) -> None:
-    """pytest on the GPU (the slow ahead-of-time compile test is for machines without one)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
+    """pytest on the GPU: the given files whole, their slow multi-process tests included (the ahead-of-time
+    compile test, for machines without a GPU, lives in a file of its own)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     env = {**os.environ, "PYTHONSAFEPATH": "1"}  # the installed package, not the source folder it is mapped from
     proc, seconds = timed(lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env))
     lines = proc.stdout.strip().splitlines()
