@@ -56,9 +56,13 @@ class Fossil(Method):
     Options = FossilOptions
     paper = ("FOSSIL", "https://arxiv.org/abs/2409.15371")
 
-    def __init__(self, config: AdapterConfig):
-        super().__init__(config)
-        self.variant, self.mini_r = self.config.options.variant, self.config.options.mini_r
+    @property
+    def variant(self) -> str:
+        return self.config.options.variant
+
+    @property
+    def mini_r(self) -> int | None:
+        return self.config.options.mini_r
 
     @property
     def needs_base_weight(self) -> bool:  # type: ignore[override]
