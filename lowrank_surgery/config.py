@@ -157,7 +157,8 @@ CONFIG_FIELDS: dict[str, Field] = {
 }
 LRS_FIELDS: dict[str, Field] = {"method": (lambda v: isinstance(v, str), "a string"), "r": POSITIVE_INT, "alpha": NUMBER,
                                 "num_a": POSITIVE_INT, "num_b": POSITIVE_INT, "seed": (lambda v: type(v) is int, "an integer"),
-                                "fan_in_fan_out": (lambda v: v is None or type(v) is bool, "true, false or null")}
+                                "fan_in_fan_out": (lambda v: v is None or type(v) is bool, "true, false or null"),
+                                "niter": (lambda v: v is None or (type(v) is int and v >= 0), "an integer >= 0 or null")}
 
 
 def check_fields(data: dict[str, Any], fields: dict[str, Field], where: str = "") -> None:

@@ -386,6 +386,7 @@ CONFIG_EDITS: dict[str, Callable[[dict], object]] = {  # adapter_config.json edi
     "lrs-alpha-text": lambda c: c["lrs"].update(alpha="x"),
     "lrs-fan-in-fan-out-text": lambda c: c["lrs"].update(fan_in_fan_out="yes"),
     "bad-method": lambda c: c["lrs"].update(method="foobar"),
+    "lrs-niter-text": lambda c: c["lrs"].update(niter="4"),
 }
 
 
@@ -435,6 +436,7 @@ MERGE_BAD = {  # expected message -> ADAPTER BASE OUT [options]; OUT is a fresh 
     "lrs must be an object, got \"lora\"": ["{root}/lrs-text", "{llama}", "OUT"],
     "modules_to_save must be a module name, a list of names or null, got 5": ["{root}/saved-int", "{llama}", "OUT"],
     "lrs.alpha must be a finite number, got \"x\"": ["{root}/lrs-alpha-text", "{llama}", "OUT"],
+    "lrs.niter must be an integer >= 0 or null, got \"4\"": ["{root}/lrs-niter-text", "{llama}", "OUT"],
     "lrs.fan_in_fan_out must be true, false or null, got \"yes\"": ["{root}/lrs-fan-in-fan-out-text", "{llama}", "OUT"],
     "adapter declares lrs method 'foobar', which peft_type LORA does not support": ["{root}/bad-method", "{llama}", "OUT"],
     "size '0' is less than one byte": ["{root}/good", "{llama}", "OUT", "--max-shard-size", "0"],
