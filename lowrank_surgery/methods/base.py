@@ -16,7 +16,6 @@ from ..config import AdapterConfig, Options, split_key
 from ..errors import LrsError
 from ..targets import Target
 
-
 Params = Mapping[str, torch.Tensor]
 
 
@@ -35,6 +34,7 @@ class Layer(Protocol):
 
     def params(self) -> dict[str, torch.Tensor]:
         """The method's tensors, by their on-disk names."""
+
 
 Weights = dict[str, dict[str, torch.Tensor]]  # per module path, the method's named tensors
 
