@@ -11,7 +11,7 @@ from lowrank_surgery.convert import FORMATS, convert as convert_adapter
 from lowrank_surgery.extract import extract_lora as extract
 
 from .base import (ALLOW_PICKLE, COLA_STRATEGY, DEVICE, FORCE, JSON, ColaStrategy, SvdAlgorithm, app, choice,
-                   print_json, say, strategy_value, table, targets_option, warn)
+                   print_json, say, strategy_value, table, targets_option)
 
 Format = choice("Format", FORMATS)
 
@@ -36,8 +36,6 @@ def convert(
     is low-rank."""
     report = convert_adapter(adapter, out, to.value, base=base, rank=rank, allow_lossy=allow_lossy, force=force,
                              cola_strategy=strategy_value(cola_strategy), allow_pickle=allow_pickle)
-    for message in report["warnings"]:
-        warn(message)
     if as_json:
         print_json(report)
         return

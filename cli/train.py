@@ -11,7 +11,7 @@ from lowrank_surgery import progress
 from lowrank_surgery.train import TrainConfig, train as train_adapter
 
 from .base import (ALLOW_PICKLE, COLA_STRATEGY, DEVICE, FORCE, JSON, STATE, ColaStrategy, app, print_json, say,
-                   strategy_value, warn)
+                   strategy_value)
 
 
 @app.command(epilog="Example: lrs train lora-adapter --base ./SmolLM2-135M --data train.jsonl --out trained "
@@ -57,9 +57,7 @@ def train(
 
 
 def _report(summary: dict, as_json: bool) -> None:
-    """The summary: as JSON, or one line (notes as warnings either way)."""
-    for note in summary["notes"]:
-        warn(note)
+    """The summary: as JSON, or one line."""
     if as_json:
         print_json(summary)
         return

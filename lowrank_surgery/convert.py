@@ -63,16 +63,16 @@ def _single_safetensors(p: Path) -> Path:
 
 
 def read_adapter(path: str | os.PathLike, base: Checkpoint | None = None, cola_strategy: str | None = None
-                 ) -> tuple[Adapter, str, list[str]]:
-    """Any adapter lrs reads, as (adapter, format, warnings); kohya names resolve against `base`."""
+                 ) -> tuple[Adapter, str]:
+    """Any adapter lrs reads, as (adapter, format); kohya names resolve against `base`."""
     fmt = detect_format(path)
     if fmt == "peft":
-        return load_adapter(path, cola_strategy), fmt, []
+        return load_adapter(path, cola_strategy), fmt
     if cola_strategy is not None:
         raise LrsError(f"--cola-strategy applies to CoLA adapters, but {path} is a {fmt} LoRA")
     if fmt == "mlx":
-        return read_mlx(Path(path), base), fmt, []
-    return (*read_kohya(_single_safetensors(Path(path)), base),)  # type: ignore[return-value]
+        return read_mlx(Path(path), base), fmt
+    return read_kohya(_single_safetensors(Path(path)), base), fmt
 
 
 # ------------------------------------------------------------------------------------------ plain LoRA
@@ -185,16 +185,15 @@ def convert(adapter_path: str | os.PathLike, out: str | os.PathLike, to: str, ba
     ckpt = Checkpoint(base, allow_pickle=allow_pickle) if base is not None else None
     if to == "gguf":
         family_of(ckpt)  # refuse an architecture llama.cpp's layout is not known for before any work
-    adapter, fmt, warnings = read_adapter(adapter_path, ckpt, cola_strategy)
+    adapter, fmt = read_adapter(adapter_path, ckpt, cola_strategy)
     if adapter.saved:
         raise LrsError(f"{adapter_path} holds whole modules (modules_to_save: {', '.join(adapter.config.modules_to_save)})"
                        f", which --to {to} cannot carry; PEFT and lrs merge read the adapter as it is")
     report: dict[str, Any] = {"source": str(adapter_path), "from": fmt, "method": adapter.config.method,
-                              "to": to, "out": str(out), "warnings": warnings}
+                              "to": to, "out": str(out)}
     config, rows = None, []
     if to in NATIVE:
-        result, config, native_warnings = _native(adapter, NATIVE[to], ckpt)
-        warnings.extend(native_warnings)
+        result, config = _native(adapter, NATIVE[to], ckpt)
     else:
         result, rows = to_lora(adapter, ckpt, rank, allow_lossy)
     with atomic_output(out, force, file=to == "gguf") as tmp:
@@ -205,10 +204,9 @@ def convert(adapter_path: str | os.PathLike, out: str | os.PathLike, to: str, ba
                      "per_module": rows}
 
 
-def _native(adapter: Adapter, peft_type: str, base: Checkpoint | None
-            ) -> tuple[Adapter, dict[str, Any], list[str]]:
+def _native(adapter: Adapter, peft_type: str, base: Checkpoint | None) -> tuple[Adapter, dict[str, Any]]:
     """The adapter in its own method's format as that format's reference code loads it (see Method.export_native):
-    (adapter, its adapter_config.json, warnings), when the method writes `peft_type`."""
+    (adapter, its adapter_config.json), when the method writes `peft_type`."""
     writers = [cls.name for cls in METHODS.values() if cls.peft_type == peft_type]
     if not writers:
         raise LrsError(f"no installed method writes {peft_type} adapters")
@@ -216,8 +214,8 @@ def _native(adapter: Adapter, peft_type: str, base: Checkpoint | None
         raise LrsError(f"a {adapter.config.method} adapter cannot be expressed as {peft_type} "
                        f"(only {', '.join(writers)} adapters can); convert it --to peft-lora instead")
     _base_targets(adapter, base)
-    weights, config, json_config, warnings = adapter.method.export_native(adapter.weights)
-    return Adapter(config, weights), json_config, warnings
+    weights, config, json_config = adapter.method.export_native(adapter.weights)
+    return Adapter(config, weights), json_config
 
 
 def _write(adapter: Adapter, to: str, directory: Path, base: Checkpoint | None,

@@ -13,7 +13,7 @@ from .adapter import Adapter
 from .config import AdapterConfig
 from .checkpoint import Checkpoint
 from .device import resolve_device
-from .errors import LrsError, warn
+from .errors import LrsError
 from .methods import METHODS, get_method
 from .progress import progress
 from .targets import Target, compact_names, load_weight, select_targets
@@ -52,8 +52,7 @@ def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 
     impl = get_method(config)
     for t in chosen:
         impl.validate(t)
-    for message in impl.native_warnings():
-        warn(message)
+    impl.warn_native()
     generator = torch.Generator().manual_seed(seed)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for batch, mats in _batches(ckpt, chosen, impl.needs_base_weight):

@@ -69,7 +69,7 @@ def _shape_of(targets, kind: str) -> str:
 
 
 def inspect_adapter(path: Path, cola_strategy: str | None = None) -> dict[str, Any]:
-    adapter, fmt, _ = read_adapter(path, cola_strategy=cola_strategy)
+    adapter, fmt = read_adapter(path, cola_strategy=cola_strategy)
     c = adapter.config
     return {
         "kind": "adapter",

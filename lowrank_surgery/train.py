@@ -35,7 +35,7 @@ from .checkpoint import (Checkpoint, atomic_output, check_output, claim_output, 
 from .config import Field, check_fields
 from .data import IGNORE, Dataset, collate, load_dataset, read_jsonl, step_indices
 from .device import resolve_device
-from .errors import LrsError
+from .errors import LrsError, warn
 from .initialize import check_seed
 
 STATE_DIR = ".trainer"  # hidden: `lrs push OUT` uploads the adapter, metrics and plot, not optimizer state
@@ -214,6 +214,8 @@ def _loop(run: Run, on_log: Callable[[dict[str, Any]], None] | None) -> dict[str
             _checkpoint(run, done)
     if bar is not None:
         bar.close()
+    if run.plt is None and run.ctx.rank == 0:  # under torchrun, rank 0 speaks for all
+        warn(NO_PLOT)
     return summarize(run, time.perf_counter() - began)
 
 
@@ -670,5 +672,5 @@ def summarize(run: Run, seconds: float) -> dict[str, Any]:
             "truncated": run.train_set.truncated, "dropped": run.train_set.dropped,
             "eval_examples": len(run.eval_set) if run.eval_set else None, "loss": last("loss"),
             "eval_loss": last("eval_loss"), "trainable_parameters": sum(p.numel() for p in run.trainable),
-            "processes": run.ctx.world, "seconds": round(seconds, 2), "notes": [] if run.plt is not None else [NO_PLOT],
+            "processes": run.ctx.world, "seconds": round(seconds, 2),
             "tokens_per_s": round(sum(r["tokens_per_s"] for r in ran) / len(ran), 1) if ran else None}

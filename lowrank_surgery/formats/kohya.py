@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..adapter import WEIGHTS_NAME, Adapter
 from ..checkpoint import Checkpoint, load_tensors, read_header
-from ..errors import LrsError
+from ..errors import LrsError, warn
 from ..targets import linear_targets
 from .common import KEY_SUFFIXES, Pairs, by_module, linear_pair, lora_adapter, plain_config
 
@@ -28,7 +28,7 @@ PREFIX = "lora_te_"
 DOWN, UP, ALPHA = KEY_SUFFIXES["kohya"]
 
 
-def read_kohya(file: Path, base: Checkpoint | None = None) -> tuple[Adapter, str, list[str]]:
+def read_kohya(file: Path, base: Checkpoint | None = None) -> Adapter:
     """A kohya-style LoRA file; module paths from the base's names, else from lrs's `lrs_modules` metadata."""
     groups = by_module(load_tensors(file), KEY_SUFFIXES["kohya"])
     resolve = _resolver(file, base)
@@ -43,9 +43,9 @@ def read_kohya(file: Path, base: Checkpoint | None = None) -> tuple[Adapter, str
             missing_alpha.append(name)
         alpha = _alpha(file, name, parts[ALPHA]) if ALPHA in parts else 0.0
         pairs[resolve(name)] = (up, down, (alpha or r) / r)
-    warnings = [f"{len(missing_alpha)} kohya module(s) have no .alpha (e.g. {missing_alpha[0]}): using alpha = r"] \
-        if missing_alpha else []
-    return lora_adapter(pairs, plain_config(base)), "kohya", warnings
+    if missing_alpha:
+        warn(f"{len(missing_alpha)} kohya module(s) have no .alpha (e.g. {missing_alpha[0]}): using alpha = r")
+    return lora_adapter(pairs, plain_config(base))
 
 
 def _alpha(file: Path, name: str, alpha: torch.Tensor) -> float:

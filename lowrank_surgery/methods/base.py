@@ -183,15 +183,16 @@ class Method:
         """adapter_config.json contents: the PEFT fields plus the `lrs` block."""
         raise NotImplementedError
 
-    def export_native(self, weights: Weights) -> tuple[Weights, AdapterConfig, dict[str, Any], list[str]]:
-        """(weights, config, adapter_config.json contents, warnings) as the reference code of this method's on-disk
-        format loads them (`lrs convert --to` that format). By default lrs's own files, which that code reads as is."""
-        return weights, self.config, self.to_json(), self.native_warnings()
+    def export_native(self, weights: Weights) -> tuple[Weights, AdapterConfig, dict[str, Any]]:
+        """(weights, config, adapter_config.json contents) as the reference code of this method's on-disk format
+        loads them (`lrs convert --to` that format), warning where it will not. By default lrs's own files, which
+        that code reads as they are."""
+        self.warn_native()
+        return weights, self.config, self.to_json()
 
-    def native_warnings(self) -> list[str]:
-        """What the reference code of lrs's own on-disk format for this method cannot load of this adapter, and the
-        route that works instead; said whenever lrs writes such files (init, convert)."""
-        return []
+    def warn_native(self) -> None:
+        """Warn where the reference code of lrs's own on-disk format for this method cannot load this adapter,
+        naming the route that works instead; whenever lrs writes such files (init, convert)."""
 
     def split_keys(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Group state-dict keys by module path; keys that do not fit the method are an error."""

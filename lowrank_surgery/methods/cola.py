@@ -186,11 +186,12 @@ class CoLA(PissaInit, Method):
         return {**lora_json(self.config, peft_type=self.peft_type), "num_A": self.num_a, "num_B": self.num_b}
 
     # ------------------------------------------------------------------ the original code's layout
-    def export_native(self, weights: Weights) -> tuple[Weights, AdapterConfig, dict[str, Any], list[str]]:
+    def export_native(self, weights: Weights) -> tuple[Weights, AdapterConfig, dict[str, Any]]:
         """What the original code loads: `fully` parameters with equal copies, the same ΔW, only ColaConfig's fields."""
         tied = {path: self.as_tied_fully(params, path) for path, params in weights.items()}
         config = replace(self.config, options=replace(self.config.options, strategy="fully"))
-        return tied, config, self.original_json(tied), self.original_warnings()
+        self.warn_original()
+        return tied, config, self.original_json(tied)
 
     def as_tied_fully(self, params: Params, path: str) -> dict[str, torch.Tensor]:
         """`fully` parameters with equal copies (A_i = ΣA/M, B_j = Σ_j c_j·B_j / N) and this strategy's evaluation ΔW;
@@ -220,21 +221,18 @@ class CoLA(PissaInit, Method):
             "alpha_pattern": {p: a for p, a in alphas.items() if not math.isclose(a, alpha, rel_tol=1e-9)},
         }
 
-    def original_warnings(self) -> list[str]:
-        """Where the original code will not reproduce this adapter's outputs exactly."""
-        warnings = []
+    def warn_original(self) -> None:
+        """Warn where the original code will not reproduce this adapter's outputs exactly."""
         if self.strategy != "fully":
-            warnings.append(f"CoLA strategy {self.strategy} written as fully (the original code's only strategy) "
-                            f"with the same evaluation ΔW")
+            warn(f"CoLA strategy {self.strategy} written as fully (the original code's only strategy) "
+                 f"with the same evaluation ΔW")
         algorithm = self.config.options.init_svd
         if algorithm == "randomized":
-            warnings.append(f"the original CoLA code recomputes the residual W − s·B0·A0 by exact SVD, but this "
-                            f"adapter's frozen factors come from a {algorithm} SVD: its outputs there differ by that "
-                            f"SVD's error")
+            warn(f"the original CoLA code recomputes the residual W − s·B0·A0 by exact SVD, but this "
+                 f"adapter's frozen factors come from a {algorithm} SVD: its outputs there differ by that SVD's error")
         if self.config.fan_in_fan_out:
-            warnings.append("the original CoLA code computes its PiSSA residual on Conv1D weights without transposing "
-                            "them: it cannot reproduce this (fan_in_fan_out) adapter")
-        return warnings
+            warn("the original CoLA code computes its PiSSA residual on Conv1D weights without transposing "
+                 "them: it cannot reproduce this (fan_in_fan_out) adapter")
 
     @classmethod
     def config_from_json(cls, data: dict[str, Any], declared: Mapping[str, Any]) -> AdapterConfig:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..config import AdapterConfig, Options, split_key
-from ..errors import LrsError
+from ..errors import LrsError, warn
 from ..targets import Target
 from .base import Layer, Method, Params
 from .lora import _as_list, options_from_lrs, provenance_from_lrs
@@ -187,15 +187,15 @@ class Fossil(Method):
             renamed[f"{legacy[0]}.{BLOCK}" if legacy else key] = tensor
         return super().split_keys(renamed)
 
-    def native_warnings(self) -> list[str]:
+    def warn_native(self) -> None:
         """PEFT's MiSS layer wraps nn.Linear only: on Conv1D (GPT-2) PeftModel.from_pretrained raises TypeError."""
         if not self.config.fan_in_fan_out:
-            return []
+            return
         lossy = self.variant == "bat"
         lora = "a truncated-SVD LoRA (bat is not low-rank)" if lossy else "an exact LoRA"
-        return [f"stock PEFT cannot load MiSS (FOSSIL) adapters on Conv1D layers (GPT-2): use lrs (attach, merge), or "
-                f"`lrs convert ADAPTER OUT --to peft-lora --base MODEL{' --allow-lossy' if lossy else ''}` for {lora}, "
-                f"which PEFT loads on Conv1D"]
+        warn(f"stock PEFT cannot load MiSS (FOSSIL) adapters on Conv1D layers (GPT-2): use lrs (attach, merge), or "
+             f"`lrs convert ADAPTER OUT --to peft-lora --base MODEL{' --allow-lossy' if lossy else ''}` for {lora}, "
+             f"which PEFT loads on Conv1D")
 
     def to_json(self) -> dict[str, Any]:
         c = self.config
