@@ -46,7 +46,7 @@ def init(
     subspace: Path = typer.Option(None, "--subspace", help="cora: subspace directory from extract-subspace.", rich_help_panel=METHOD_HELP),
     cora_mode: str = typer.Option(None, "--cora-mode", help=f"cora: {_one_of(MODES)} (frozen: B fixed; init: B trains).", rich_help_panel=METHOD_HELP),
     a_init: str = typer.Option(None, "--a-init", help=f"cora: {_one_of(A_INITS)}.", rich_help_panel=METHOD_HELP),
-    init_svd: str = typer.Option(None, "--init-svd", help=f"pissa, cola: {_one_of(SVD_ALGORITHMS)} (exact: float32 SVD, as PEFT, the default; gram: float64 Gram + eigh, faster and more accurate).", rich_help_panel=METHOD_HELP),
+    init_svd: str = typer.Option(None, "--init-svd", help=f"pissa, cola: {_one_of(SVD_ALGORITHMS)} (exact: float32 SVD, as PEFT, the default; gram: Gram + eigh refined in float64, faster and more accurate).", rich_help_panel=METHOD_HELP),
     niter: int = typer.Option(None, "--niter", help="pissa, cola: power iterations of the randomized SVD.", rich_help_panel=METHOD_HELP),
     num_a: int = typer.Option(None, "--num-a", help=f"cola: number of A matrices (default {CoLAOptions.num_a}).", rich_help_panel=METHOD_HELP),
     num_b: int = typer.Option(None, "--num-b", help=f"cola: number of B matrices (default {CoLAOptions.num_b}).", rich_help_panel=METHOD_HELP),

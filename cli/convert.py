@@ -66,8 +66,8 @@ def extract_lora(
                                                                             "(mergekit's split)."),
     targets: str = targets_option("all-linear"),
     algorithm: SvdAlgorithm = typer.Option(SvdAlgorithm("exact"), "--algorithm",
-                                           help="Truncated SVD: exact (torch.linalg.svd), gram (eigh of the float64 "
-                                                "Gram, the same factors) or randomized (needs --rank)."),
+                                           help="Truncated SVD: exact (torch.linalg.svd), gram (eigh of the Gram refined "
+                                                "in float64, the same factors) or randomized (needs --rank)."),
     niter: int = typer.Option(4, "--niter", help="Power iterations of the randomized SVD."),
     device: str = DEVICE,
     save_module: list[str] = typer.Option([], "--save-module", help="Keep this module's changed tensors whole (PEFT "

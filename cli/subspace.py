@@ -27,7 +27,7 @@ def extract_subspace(
     scope: Scope = typer.Option(Scope("layer"), "--scope", help="layer: one basis per module path; "
                                                                 "model: one per module type, over all layers."),
     algorithm: SvdAlgorithm = typer.Option(SvdAlgorithm("gram"), "--algorithm",
-                                           help="gram: exact, eigh of the float64 Gram Σ W Wᵀ (fastest exact route); "
+                                           help="gram: exact, eigh of the Gram Σ W Wᵀ refined in float64 (fastest exact route); "
                                                 "exact: torch.linalg.svd of [W_1|W_2|…]; randomized: Halko et al."),
     niter: int = typer.Option(DEFAULT_NITER, "--niter", help="Power iterations of the randomized algorithm."),
     device: str = DEVICE,

@@ -3,7 +3,7 @@
 A name is a module path (scope `layer`: that module's weight across the models) or a module type (scope `model`:
 every layer of every model). The basis is U_r of M = [W_1 | W_2 | …] (out × Σin, nn.Linear layout). Weights are
 read one at a time, in file order, with the next one read in the background; a name is solved as soon as its
-last weight is in, so scope `layer` never holds more than one name's matrices (or its float64 Gram).
+last weight is in, so scope `layer` never holds more than one name's matrices (and their float32 Gram).
 """
 
 from __future__ import annotations
@@ -182,12 +182,20 @@ def _check_rank(groups: Sequence[Group], rank: int) -> None:
 
 def _solve(ckpts: Sequence[Checkpoint], chosen: Sequence[Target], groups: Sequence[Group], rank: int, algorithm: str,
            niter: int, dev: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """(U_r, S_r, energy) per group name, reading each weight once in file order of the first model."""
+    """(U_r, S_r, energy) per group name, reading each weight once in file order of the first model (scope model's
+    gram bases read their weights twice more, for the refinement, rather than hold a model's worth)."""
     order = {t.path: k for k, t in enumerate(chosen)}
     owner = {(m, t.path): g for g in groups for m, t in g.members}
     reads = sorted(owner, key=lambda key: (order[key[1]], key[0]))
     targets = {t.path: t for t in chosen}
-    pending = {g.name: _Collector(algorithm, dev) for g in groups}
+
+    def reload(group: Group) -> Callable[[], Iterator[torch.Tensor]] | None:
+        """None for a layer's few weights (kept); for a whole model's, a reader of them."""
+        if len(group.members) <= len(ckpts):
+            return None
+        return lambda: (linear_float32(ckpts[m].get(t.source), t) for m, t in group.members)
+
+    pending = {g.name: _Collector(algorithm, dev, reload(g)) for g in groups}
     left = {g.name: len(g.members) for g in groups}
     results = {}
     # the reading thread only reads: a torch op there would fight the SVD for the OpenMP threads (3x slower)
@@ -203,22 +211,24 @@ def _solve(ckpts: Sequence[Checkpoint], chosen: Sequence[Target], groups: Sequen
 
 
 class _Collector:
-    """A name's weights so far: a float64 Gram for `gram`, else the matrices themselves."""
+    """A name's weights so far: a Gram for `gram` (and the weights, unless `reload` reads them again), else the
+    weights themselves."""
 
-    def __init__(self, algorithm: str, dev: torch.device):
+    def __init__(self, algorithm: str, dev: torch.device, reload: Callable[[], Iterator[torch.Tensor]] | None):
         self.algorithm = algorithm
         self.gram = GramAccumulator(dev) if algorithm == "gram" else None
+        self.reload = reload
         self.blocks: list[torch.Tensor] = []
 
     def add(self, w: torch.Tensor) -> None:
         if self.gram is not None:
             self.gram.add(w)
-        else:
+        if self.gram is None or self.reload is None:
             self.blocks.append(w)
 
     def result(self, rank: int, niter: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
         if self.gram is not None:
-            return self.gram.result(rank)
+            return self.gram.result(rank, self.reload or (lambda: self.blocks), oversample(rank))
         return common_basis(self.blocks, rank, self.algorithm, niter, oversample(rank), dev)
 
 

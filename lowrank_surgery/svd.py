@@ -2,11 +2,15 @@
 
 Algorithms:
 - `exact`: reduced `torch.linalg.svd`, same-shape matrices stacked into one batch.
-- `gram`: eigh of the smaller Gram matrix (A Aᵀ or AᵀA) formed in float64, then one Rayleigh-Ritz step
-  (a small SVD of the r×n or m×r projection) for the singular values and the other factor. Squaring the
-  condition number costs nothing here: in float64 the subspace error is about 1e-16·σ₁²/(σ_r² − σ_{r+1}²),
-  below the 1e-7·σ₁/(σ_r − σ_{r+1}) of a float32 SVD unless σ₁/σ_r > 1e9. U_r S_r Vh_r = U_r U_rᵀ A exactly,
-  so PiSSA's rank-r truncation is reproduced to float32 precision.
+- `gram`: the top r + oversample eigenvectors of the smaller Gram matrix (A Aᵀ or AᵀA), formed in float32
+  with a symmetric rank-k update (half a matrix product) and solved by LAPACK's MRRR for those vectors only;
+  then one refinement in float64 against A itself: a power step (Aᵀ Q, re-orthonormalised) and Rayleigh-Ritz
+  (a small SVD of A·P) for the singular values and both factors. The float32 Gram alone leaves the basis
+  ~1e-3 (radians) from a float64 SVD on flat LLM spectra; the Ritz step resolves the mixing inside the
+  oversampled space exactly and the power step shrinks the rest by λ_{r+p+1}/λ_r: ~1e-6 rad, captured energy
+  within 1e-14 (benchmarks/bench_svd_engine.py). When λ_r < 1e-4·λ₁ the float32 Gram's rounding (~1e-7·λ₁)
+  would blur the wanted vectors, so the Gram is formed again in float64. Twice as fast as a float64 Gram
+  and eigh: the eigensolver, not the product, dominates, and float32 halves both.
 - `randomized`: Halko, Martinsson & Tropp range finder with oversampling and power iterations, each
   re-orthonormalised by QR, followed by the same Rayleigh-Ritz step.
 Signs are fixed so that the largest-magnitude entry of every column of U is positive.
@@ -17,9 +21,10 @@ truncation alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import scipy.linalg
+import scipy.linalg.blas
 import torch
 from torch import Tensor
 
@@ -28,6 +33,7 @@ from .errors import LrsError
 
 ALGORITHMS = ("exact", "gram", "randomized")
 SEED = 0
+FLOAT32_RESOLVES = 1e-4  # λ_r/λ₁ below which a float32 Gram's rounding blurs the top eigenvectors
 
 
 def reduced_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,7 +110,7 @@ def common_basis(blocks: Sequence[Tensor], rank: int, algorithm: str = "gram", n
         acc = GramAccumulator(device)
         for w in blocks:
             acc.add(w)
-        return acc.result(rank)
+        return acc.result(rank, lambda: blocks, oversample)
     dev = resolve_device(device)
     if algorithm == "exact":
         u, s, _ = reduced_svd(torch.cat([w.to(dev, torch.float32) for w in blocks], dim=1))
@@ -118,10 +124,11 @@ def common_basis(blocks: Sequence[Tensor], rank: int, algorithm: str = "gram", n
 
 
 class GramAccumulator:
-    """Streams matrices W (out × in_k) into G = Σ W Wᵀ in float64 on the device; `result` gives the common basis."""
+    """Streams matrices W (out × in_k) into G = Σ W Wᵀ (float32) on the device; `result` gives the common basis."""
 
-    def __init__(self, device: str | torch.device = "auto") -> None:
+    def __init__(self, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32) -> None:
         self.device = resolve_device(device)
+        self.dtype = dtype
         self.gram: Tensor | None = None
         self.columns = 0
 
@@ -130,19 +137,40 @@ class GramAccumulator:
         if w.ndim != 2 or (self.gram is not None and w.shape[0] != self.gram.shape[0]):
             rows = "" if self.gram is None else f" with {self.gram.shape[0]} rows"
             raise LrsError(f"cannot accumulate a matrix of shape {tuple(w.shape)} into a Gram matrix{rows}")
-        w64 = w.to(self.device, torch.float64)
-        self.gram = w64 @ w64.T if self.gram is None else self.gram.addmm_(w64, w64.T)
+        self.gram = gram_matrix(w.to(self.device, self.dtype), left=True, into=self.gram)
         self.columns += w.shape[1]
 
-    def result(self, rank: int) -> tuple[Tensor, Tensor, float]:
-        """(U_r float32 out×r, S_r float32 r, captured energy Σ_{i≤r}σ_i² / Σσ_i²)."""
+    def result(self, rank: int, blocks: Callable[[], Iterable[Tensor]], oversample: int = 8
+               ) -> tuple[Tensor, Tensor, float]:
+        """(U_r float32 out×r, S_r float32 r, captured energy Σ_{i≤r}σ_i² / Σσ_i²), refined against the matrices
+        added, which `blocks()` yields again (twice)."""
         if self.gram is None:
             raise LrsError("common basis needs at least one matrix")
-        _check_rank(rank, self.gram.shape[0], self.columns, "concatenation")
-        vals, vecs = _top_eigh(self.gram[None], rank)
-        u, _ = _fix_signs(vecs, None)
-        s = vals[0].clamp_min(0).sqrt()
-        return u[0].float().cpu(), s.float().cpu(), _energy(s, float(self.gram.trace()))
+        out = self.gram.shape[0]
+        _check_rank(rank, out, self.columns, "concatenation")
+        vals, q = _top_eigh(self.gram[None], min(rank + oversample, out, self.columns))
+        if self.dtype != torch.float64 and _blurred(vals[0], rank):
+            wide = GramAccumulator(self.device, torch.float64)
+            for w in blocks():
+                wide.add(w)
+            return wide.result(rank, blocks, oversample)
+        u, s, total = _refine_common(q[0], blocks, self.device)
+        u, _ = _fix_signs(u[None, :, :rank], None)
+        return u[0].float().cpu(), s[:rank].float().cpu(), _energy(s[:rank], total)
+
+
+def gram_matrix(a: Tensor, left: bool, into: Tensor | None = None) -> Tensor:
+    """A Aᵀ (`left`) or AᵀA of a 2-D matrix, added to `into` when given; on the CPU only the upper triangle is
+    filled (BLAS syrk: half the work of a product), which is all `_top_eigh` reads."""
+    if a.device.type != "cpu":
+        g = a @ a.mT if left else a.mT @ a
+        return g if into is None else into.add_(g)
+    syrk = scipy.linalg.blas.dsyrk if a.dtype == torch.float64 else scipy.linalg.blas.ssyrk
+    # a.numpy().T is Aᵀ in Fortran order, which BLAS reads without a copy; C stays in Fortran order
+    c = None if into is None else into.numpy()
+    g = syrk(1.0, a.contiguous().numpy().T, beta=0.0 if into is None else 1.0, c=c, trans=int(left),
+             overwrite_c=True)
+    return torch.from_numpy(g) if into is None else into
 
 
 def _batched_svd(a: Tensor, rank: int, algorithm: str, niter: int, oversample: int, gen: torch.Generator
@@ -152,16 +180,48 @@ def _batched_svd(a: Tensor, rank: int, algorithm: str, niter: int, oversample: i
         u, s, vh = reduced_svd(a)
         return u[..., :rank], s[..., :rank], vh[..., :rank, :]
     if algorithm == "gram":
-        return _gram_svd(a, rank)
+        return _gram_svd(a, rank, oversample)
     return _randomized_svd(a, rank, niter, oversample, gen)
 
 
-def _gram_svd(a: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-r eigenvectors of the smaller float64 Gram, then Rayleigh-Ritz for S and the other factor."""
-    a64 = a.double()
-    if a.shape[-2] <= a.shape[-1]:
-        return _ritz_left(_top_eigh(a64 @ a64.mT, rank)[1], a64)
-    return _ritz_right(a64, _top_eigh(a64.mT @ a64, rank)[1])
+def _gram_svd(a: Tensor, rank: int, oversample: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top eigenvectors of the smaller Gram (float32 unless `a` is float64), refined in float64 against `a`."""
+    m, n = a.shape[-2:]
+    left = m <= n
+    gram = torch.stack([gram_matrix(x, left) for x in a])
+    vals, q = _top_eigh(gram, min(rank + oversample, m, n))
+    if a.dtype != torch.float64 and any(_blurred(v, rank) for v in vals):
+        return _gram_svd(a.double(), rank, oversample)
+    a64, q = a.double(), q.to(a.device, torch.float64)
+    if left:  # Q spans the column space: a power step to the row space, then Rayleigh-Ritz there
+        u, s, vh = _ritz_right(a64, torch.linalg.qr(a64.mT @ q).Q)
+    else:
+        u, s, vh = _ritz_left(torch.linalg.qr(a64 @ q).Q, a64)
+    return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+
+
+def _blurred(vals: Tensor, rank: int) -> bool:
+    """Whether the wanted eigenvalues sink into a float32 Gram's rounding (λ_r < 1e-4·λ₁)."""
+    return bool(vals[rank - 1] < FLOAT32_RESOLVES * vals[0])
+
+
+def _refine_common(q: Tensor, blocks: Callable[[], Iterable[Tensor]], dev: torch.device
+                   ) -> tuple[Tensor, Tensor, float]:
+    """One power step and Rayleigh-Ritz in float64 on M = [W_1|W_2|…] from a start basis Q (out × k): P spans
+    MᵀQ, U and S come from the SVD of M P = Σ W_k P_k. Returns (U, S, ‖M‖²_F), reading the blocks twice."""
+    q64 = q.to(dev, torch.float64)
+    parts, total = [], 0.0
+    for w in blocks():
+        w64 = w.to(dev, torch.float64)
+        parts.append(w64.mT @ q64)
+        total += float(w64.square().sum())
+    p = torch.linalg.qr(torch.cat(parts)).Q
+    y, start = torch.zeros_like(q64), 0
+    for w in blocks():
+        y.addmm_(w.to(dev, torch.float64), p[start:start + w.shape[1]])
+        start += w.shape[1]
+    u, s, _ = reduced_svd(y)
+    return u, s, total
 
 
 def _randomized_svd(a: Tensor, rank: int, niter: int, oversample: int, gen: torch.Generator
@@ -193,16 +253,16 @@ def _randomized_common(blocks: Sequence[Tensor], rank: int, niter: int, oversamp
     return q @ vecs[0].to(q.dtype), vals[0].clamp_min(0).sqrt()
 
 
-def _top_eigh(gram: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """The r largest eigenpairs of a (b, k, k) batch of symmetric matrices, in descending order."""
+def _top_eigh(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest eigenpairs of a (b, n, n) batch of symmetric matrices (upper triangles read), descending."""
     if gram.device.type != "cpu":
-        vals, vecs = torch.linalg.eigh(gram)
-        return vals[..., -rank:].flip(-1), vecs[..., -rank:].flip(-1)
+        vals, vecs = torch.linalg.eigh(gram, UPLO="U")
+        return vals[..., -k:].flip(-1), vecs[..., -k:].flip(-1)
     # On CPU LAPACK's MRRR (syevr) computes only the wanted eigenvectors: several times faster than
     # torch.linalg.eigh (syevd), which builds all of them.
-    k = gram.shape[-1]
-    pairs = [scipy.linalg.eigh(g.numpy(), subset_by_index=[k - rank, k - 1], driver="evr", check_finite=False)
-             for g in gram]
+    n = gram.shape[-1]
+    pairs = [scipy.linalg.eigh(g.numpy(), lower=False, subset_by_index=[n - k, n - 1], driver="evr",
+                               check_finite=False) for g in gram]
     vals = torch.stack([torch.from_numpy(v) for v, _ in pairs]).flip(-1)
     return vals, torch.stack([torch.from_numpy(v) for _, v in pairs]).flip(-1)
 
@@ -235,7 +295,7 @@ def _bytes_per_matrix(m: int, n: int, width: int, algorithm: str, dtype: torch.d
     """Rough peak working memory of one matrix of the batch."""
     k, item = min(m, n), torch.empty(0, dtype=dtype).element_size()
     if algorithm == "gram":
-        # float64 copy, Gram and its eigenvectors, projection
+        # float64 copy for the refinement, Gram and its eigenvectors, projections
         return 8 * (m * n + 2 * k * k + width * (m + n))
     if algorithm == "randomized":
         return item * (2 * m * n + 3 * width * (m + n))

@@ -68,6 +68,44 @@ def test_gram_is_accurate_on_ill_conditioned_tail() -> None:
     np.testing.assert_allclose(projector(u.double().numpy()), projector(ref_u), atol=1e-5)
 
 
+def flat(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Gaussian: the flattest spectrum, whose close top singular values a float32 Gram alone blurs (~1e-3 rad)."""
+    return randn(m, n, seed=seed) * 0.02
+
+
+def largest_angle(u: torch.Tensor, ref: np.ndarray) -> float:
+    return float(np.max(scipy.linalg.subspace_angles(u.double().numpy(), ref)))
+
+
+@pytest.mark.parametrize("shape", [(512, 768), (768, 512)])
+def test_gram_matches_a_float64_svd_on_a_flat_spectrum(shape: tuple[int, int]) -> None:
+    """Close top singular values (Gaussian weights): the float32 Gram, refined in float64 against A, lands closer
+    to a float64 SVD than a float32 SVD does; its singular values and captured energy are float64's."""
+    a, r = flat(*shape), 32
+    u64, s64, vh64 = np.linalg.svd(a.double().numpy(), full_matrices=False)
+    (u, s, vh), = truncated_svd([a], r, algorithm="gram", device="cpu")
+    (ue, _, _), = truncated_svd([a], r, algorithm="exact", device="cpu")
+    gram_angle = max(largest_angle(u, u64[:, :r]), largest_angle(vh.T, vh64[:r].T))
+    assert gram_angle < 1e-5 and gram_angle < largest_angle(ue, u64[:, :r])
+    np.testing.assert_allclose(s.numpy(), s64[:r], rtol=1e-6)
+    basis, _, energy = common_basis([a[:, :300], a[:, 300:]], r, algorithm="gram", device="cpu")
+    assert largest_angle(basis, u64[:, :r]) < 1e-5
+    assert energy == pytest.approx(float((s64[:r] ** 2).sum() / (s64 ** 2).sum()), abs=1e-12)
+
+
+def test_gram_falls_back_to_float64_below_float32_resolution() -> None:
+    """σ_16/σ_1 ≈ 5e-4 puts λ_16 at 2.5e-7·λ_1, inside a float32 Gram's rounding: the float64 Gram takes over."""
+    a = decaying(64, 160, decay=0.6).double()
+    (u, s, _), = truncated_svd([a], 16, algorithm="gram", device="cpu", dtype=torch.float64)
+    ref_u, ref_s = numpy_svd(a, 16)
+    assert largest_angle(u, ref_u) < 1e-8
+    np.testing.assert_allclose(s.numpy(), ref_s, rtol=1e-9)
+    blocks = [a[:, :80], a[:, 80:]]
+    u, s, _ = common_basis(blocks, 16, algorithm="gram", device="cpu")
+    np.testing.assert_allclose(s.numpy(), ref_s, rtol=1e-5)
+    assert largest_angle(u, ref_u) < 1e-5
+
+
 def test_signs_are_deterministic() -> None:
     a = randn(30, 50)
     for algorithm in ALGORITHMS:
@@ -161,12 +199,19 @@ def test_gram_accumulator_streams_like_common_basis() -> None:
     acc = GramAccumulator("cpu")
     for b in blocks:
         acc.add(b)
-    u, s, energy = acc.result(6)
+    reads = []
+
+    def again():  # the refinement reads the blocks twice more
+        reads.append(1)
+        return iter(blocks)
+
+    u, s, energy = acc.result(6, again)
+    assert len(reads) == 2
     u2, s2, energy2 = common_basis(blocks, 6, algorithm="exact", device="cpu")
     torch.testing.assert_close(u @ u.T, u2 @ u2.T, rtol=0, atol=1e-5)
     torch.testing.assert_close(s, s2, rtol=1e-5, atol=1e-6)
     assert energy == pytest.approx(energy2, rel=1e-6)
-    assert acc.result(32)[2] == pytest.approx(1.0)
+    assert acc.result(32, again)[2] == pytest.approx(1.0)
 
 
 def test_rank_too_large_and_bad_input_raise() -> None:
@@ -183,7 +228,7 @@ def test_rank_too_large_and_bad_input_raise() -> None:
     acc = GramAccumulator("cpu")
     acc.add(randn(16, 4))
     with pytest.raises(LrsError, match="16x4"):
-        acc.result(5)
+        acc.result(5, lambda: [])
     with pytest.raises(LrsError, match="16 rows"):
         acc.add(randn(8, 4))
 

@@ -27,7 +27,7 @@ from .lora import config_from_lora_json, lora_json
 
 
 A0, B0 = "pissa_A0.weight", "pissa_B0.weight"
-SVD_ALGORITHMS = ("exact", "randomized", "gram")  # gram: exact, through the float64 Gram matrix
+SVD_ALGORITHMS = ("exact", "randomized", "gram")  # gram: exact, through the Gram matrix (svd.py)
 # The default is PEFT's own route (float32 torch.linalg.svd, as in the original CoLA code): PEFT's `pissa`
 # factors bit for bit. `gram` is twice as fast and ~100x closer to a float64 SVD (bench_init), but on real
 # weights, whose top singular values are close, it differs from those float32 factors by ~5e-5.
