@@ -52,16 +52,14 @@ def tensor_plan(cfg: dict, dtype: torch.dtype) -> list[PlannedTensor]:
 
 
 def generate(out: Path, preset: str = DEFAULT_PRESET, layers: int | None = None, max_shard_size: str | None = None,
-             seed: int = 0) -> Path:
-    """Write the preset's checkpoint to `out` (reused if it already holds one); `layers` and `max_shard_size`
-    override the preset's."""
+             seed: int = 0, **shape) -> Path:
+    """Write the preset's checkpoint to `out` (reused if it already holds one); `layers`, `max_shard_size` and
+    `shape` (llama_config's hidden, mlp, vocab, ...) override the preset's."""
     if (out / "config.json").is_file():
         return out
-    shape = {k: v for k, v in PRESETS[preset].items() if k != "max_shard_size"}
+    preset_shape = {k: v for k, v in PRESETS[preset].items() if k != "max_shard_size"}
     shard_size = max_shard_size or PRESETS[preset]["max_shard_size"]
-    if layers is not None:
-        shape["layers"] = layers
-    cfg = llama_config(**shape)
+    cfg = llama_config(**{**preset_shape, **shape, **({} if layers is None else {"layers": layers})})
     gen = torch.Generator().manual_seed(seed)
 
     def weight(t: PlannedTensor) -> torch.Tensor:  # norms are ones; the writer casts to the planned dtype

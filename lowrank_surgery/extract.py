@@ -35,7 +35,7 @@ from .errors import LrsError, warn
 from .methods import get_method
 from .progress import progress
 from .svd import split_factors, truncated_svd
-from .targets import Target, compact_names, load_weight, select_targets
+from .targets import Target, compact_names, in_batches, load_weight, select_targets
 
 
 @dataclass(frozen=True)
@@ -257,12 +257,11 @@ def check_same_layout(ft: Checkpoint, base: Checkpoint) -> None:
 
 def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rule: RankRule, distribute_scale: bool,
              algorithm: str, niter: int, device: str) -> tuple[dict[str, dict[str, Tensor]], list[dict[str, Any]]]:
-    """Per fine-tuned shard: differences, batched SVDs, each module's rank, its factors and their energy."""
-    by_shard: dict[Path, list[Target]] = {}
-    for t in chosen:
-        by_shard.setdefault(ft.info(t.source).shard, []).append(t)
+    """Batch by batch of the fine-tuned model's targets: differences, batched SVDs, each module's rank, its factors
+    and their energy."""
+    batches = list(in_batches(ft, chosen))
     weights, rows = {}, []
-    for batch in progress(by_shard.values(), "extract", total=len(by_shard), unit="shard"):
+    for batch in progress(batches, "extract", total=len(batches), unit="batch"):
         diffs = [(t, load_weight(ft, t) - load_weight(bs, t)) for t in batch]
         diffs = [(t, d) for t, d in diffs if d.any()]
         for (t, d), (u, s, vh) in zip(diffs, _svds([d for _, d in diffs], rule, algorithm, niter, device)):

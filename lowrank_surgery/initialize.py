@@ -16,7 +16,7 @@ from .device import resolve_device
 from .errors import LrsError
 from .methods import METHODS, get_method
 from .progress import progress
-from .targets import Target, compact_names, load_weight, select_targets
+from .targets import Target, compact_names, in_batches, load_weight, select_targets
 
 
 def init_adapter(method: str, base: str | os.PathLike | Checkpoint, *, r: int = 8, alpha: float | None = None,
@@ -72,12 +72,10 @@ def check_seed(seed: int) -> None:
 
 def _batches(ckpt: Checkpoint, targets: list[Target], with_weights: bool
              ) -> Iterator[tuple[list[Target], list[torch.Tensor] | None]]:
-    """All targets at once, or shard by shard with their float32 weights when the method reads W."""
+    """All targets at once, or in bounded batches with their float32 weights when the method reads W."""
     if not with_weights:
         yield targets, None
         return
-    by_shard: dict = {}
-    for t in targets:
-        by_shard.setdefault(ckpt.info(t.source).shard, []).append(t)
-    for batch in progress(by_shard.values(), "init", total=len(by_shard), unit="shard"):
+    batches = list(in_batches(ckpt, targets))
+    for batch in progress(batches, "init", total=len(batches), unit="batch"):
         yield batch, [load_weight(ckpt, t) for t in batch]
