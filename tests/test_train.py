@@ -207,6 +207,18 @@ def test_every_method_trains_only_its_trainable_parameters(method_case, chat_mod
             assert torch.equal(after[path][name], before) == (name in frozen), f"{method} {path}.{name}"
 
 
+@pytest.mark.method_cases("lora", "cola")
+def test_micro_batches_split_a_step_without_changing_it(method_case, setup, recipe, tmp_path):
+    """A step is the same however its batch is split into micro-batches; for CoLA too, whose A's once shared one
+    gradient tensor (the backward of a stacked sum), which clipping then scaled and accumulation added to once per A."""
+    method, _, options = recipe(method_case, setup["base"])
+    start = lrs.init_adapter(method, setup["base"], r=4, seed=2, targets="all-linear", options=options)
+    args = dict(steps=3, lr=1e-2, seq_len=32, save_every=10, max_grad_norm=1.0)  # the gradient norms are above 1
+    train(start, setup["base"], setup["data"], tmp_path / "whole", batch_size=4, **args)
+    train(start, setup["base"], setup["data"], tmp_path / "split", batch_size=2, grad_accum=2, **args)
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+
+
 # ---------------------------------------------------------------------------- torchrun
 DDP_SCRIPT = """
 import sys
