@@ -307,9 +307,9 @@ def _setup_distributed(device: str, shard: bool = False) -> Context:
         if cuda:
             torch.cuda.set_device(dev)
         backend = "nccl" if cuda else "gloo"
-        if _under_torchrun():
+        if world > 1 or _under_torchrun():
             torch.distributed.init_process_group(backend)
-        else:
+        else:  # --shard alone: a group of one, in this process's memory
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     return Context(rank, world, dev, shard, owns_group)
 
