@@ -3,8 +3,8 @@
     python benchmarks/bench_shard.py WORK [--layers 8] [--hidden 1024] [--mlp 4096] [--vocab 8192] [--steps 4]
                                           [--nproc 2] [--json out.json]
 
-Writes a random Llama-shaped checkpoint in bf16 shards under WORK (benchmarks/make_llama.py, a small vocabulary so
-that the decoder layers hold most of the weights) with the test suite's character tokenizer, and a LoRA adapter (r 8,
+Writes a random Llama-shaped checkpoint in bf16 shards under WORK (benchmarks/make_llama.py's shapes, a small vocabulary
+so that the decoder layers hold most of the weights) with the test suite's character tokenizer, and a LoRA adapter (r 8,
 all linear modules). Then trains it three ways, each a fresh process tree, on the CPU in float32 (gloo), every
 process on one thread (so that OpenMP spinning on a shared machine does not decide the numbers):
   - one process;
@@ -87,18 +87,33 @@ def measure(args: argparse.Namespace, how: str, work: Path, adapter: Path, data:
     return row
 
 
+def write_base(base: Path, args: argparse.Namespace) -> None:
+    """The random checkpoint (weights N(0, 0.02), norms 1) with the test suite's character tokenizer."""
+    import torch
+    from make_llama import llama_config, tensor_plan
+    from tiny_tokenizer import char_tokenizer
+
+    from lowrank_surgery.checkpoint import atomic_output, write_sharded
+
+    cfg = llama_config(args.layers, hidden=args.hidden, mlp=args.mlp, heads=args.hidden // 64,
+                       kv_heads=args.hidden // 256, vocab=args.vocab)
+    gen = torch.Generator().manual_seed(0)
+    with atomic_output(base) as tmp:
+        write_sharded(tmp, tensor_plan(cfg, torch.bfloat16), lambda t: torch.ones(t.shape) if len(t.shape) == 1
+                      else torch.randn(t.shape, generator=gen) * 0.02, "100MB", always_index=True)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        char_tokenizer().save_pretrained(tmp)
+
+
 def make_inputs(args: argparse.Namespace, work: Path) -> tuple[Path, Path, dict]:
     """The checkpoint (reused when WORK holds it), its tokenizer, a LoRA adapter and packed text data."""
     from bench_train import make_data
-    from make_llama import generate
-    from tiny_tokenizer import char_tokenizer
 
     import lowrank_surgery as lrs
 
-    base = generate(args.work / "base", layers=args.layers, max_shard_size="100MB", hidden=args.hidden, mlp=args.mlp,
-                    heads=args.hidden // 64, kv_heads=args.hidden // 256, vocab=args.vocab)
-    if not (base / "tokenizer.json").is_file():
-        char_tokenizer().save_pretrained(base)
+    base = args.work / "base"
+    if not (base / "config.json").is_file():
+        write_base(base, args)
     ckpt = lrs.Checkpoint(base)
     stored = sum(info.nbytes for info in ckpt.tensors.values())
     model = {"parameters": sum(info.numel for info in ckpt.tensors.values()), "stored_mb": round(stored / 2**20),
