@@ -16,7 +16,7 @@ from .base import (ALLOW_PICKLE, COLA_STRATEGY, DEVICE, FORCE, JSON, STATE, Cola
 
 @app.command(epilog="Example: lrs train lora-adapter --base ./SmolLM2-135M --data train.jsonl --out trained "
                     "--steps 200 --eval-data eval.jsonl   (on 4 processes: torchrun --nproc_per_node 4 --no-python "
-                    "lrs train ...)")
+                    "lrs train ..., with --shard for a base too large for one device)")
 def train(
     adapter: Path = typer.Argument(..., help="Adapter directory to start from (from `lrs init`)."),
     base: str = typer.Option(..., "--base", help="Base model: local directory or Hub id, with a tokenizer."),
@@ -37,6 +37,8 @@ def train(
     packing: bool = typer.Option(False, "--packing", help="Concatenate examples into full --seq-len rows."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Trade compute for memory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out exactly."),
+    shard: bool = typer.Option(False, "--shard", help="Under torchrun: shard the base and the adapter over the "
+                               "processes (FSDP2), each reading only its part of the checkpoint."),
     force: bool = FORCE,
     seed: int = typer.Option(0, "--seed", help="Seed for data order and dropout."),
     device: str = DEVICE,
@@ -49,7 +51,7 @@ def train(
                          seq_len=seq_len, eval_data=eval_data, eval_every=eval_every, save_every=save_every,
                          warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm, packing=packing,
                          grad_checkpointing=grad_checkpointing, resume=resume, force=force, seed=seed, device=device,
-                         cola_strategy=strategy_value(cola_strategy), allow_pickle=allow_pickle)
+                         cola_strategy=strategy_value(cola_strategy), allow_pickle=allow_pickle, shard=shard)
     log = None if as_json or progress.enabled() or STATE["quiet"] else _log_line
     summary = train_adapter(adapter, base, data, out, config, on_log=log)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all

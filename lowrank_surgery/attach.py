@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from .adapter import Adapter
 from .checkpoint import check_finite
+from .device import whole
 from .errors import LrsError
 from .methods import Method, get_method
 from .targets import Target, linear_float32
@@ -53,8 +56,12 @@ def _slot(name: str) -> str:
     return name.replace(".", "__")
 
 
-def attach(model: nn.Module, adapter: Adapter) -> nn.Module:
-    """Wrap every module the adapter targets (in place); base parameters are frozen. Returns the model."""
+def attach(model: nn.Module, adapter: Adapter,
+           stored_weight: Callable[[nn.Module], torch.Tensor] | None = None) -> nn.Module:
+    """Wrap every module the adapter targets (in place); base parameters are frozen. Returns the model.
+
+    stored_weight(module): a targeted module's weight as its checkpoint stores it, read where the model's own weights
+    are not loaded yet (on the meta device) and an imported adapter needs W to complete its parameters."""
     method = get_method(adapter.config)  # the model's own: training state (CoLA's random draws) starts afresh
     if adapter.saved:
         raise LrsError(f"attach does not take whole modules (modules_to_save: {', '.join(adapter.config.modules_to_save)}); "
@@ -63,8 +70,9 @@ def attach(model: nn.Module, adapter: Adapter) -> nn.Module:
         p.requires_grad_(False)
     located = {path: _find_module(model, path) for path in adapter.weights}
     targets = {path: module_target(path, module) for path, (_, _, module) in located.items()}
+    weight_of = stored_weight or (lambda module: module.weight.detach())
     method.complete(adapter.weights, lambda path: linear_float32(
-        check_finite(located[path][2].weight.detach(), f"{path}.weight", "the model"), targets[path]))
+        check_finite(weight_of(located[path][2]), f"{path}.weight", "the model"), targets[path]))
     for path, params in adapter.weights.items():
         parent, child_name, module = located[path]
         target = targets[path]
@@ -107,8 +115,9 @@ def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
 
 
 def trained_weights(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """The current adapter parameters of an attached model, detached on the CPU in float32."""
-    return {layer.path: {n: t.detach().float().cpu().clone() for n, t in layer.params().items()}
+    """The current adapter parameters of an attached model, detached on the CPU in float32; sharded ones gathered
+    (under `lrs train --shard` every process must call this)."""
+    return {layer.path: {n: whole(t.detach()).float().cpu().clone() for n, t in layer.params().items()}
             for layer in adapter_layers(model)}
 
 

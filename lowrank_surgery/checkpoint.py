@@ -292,6 +292,22 @@ class Checkpoint:
                                      self._block)
         return self._read(self.info(name), buffer)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop (along dim 0, clipped to the tensor) of one tensor, reading only their bytes: the part one
+        process of a sharded run keeps. A 0-dim tensor is read whole."""
+        info = self.info(name)
+        if not info.shape:
+            return self.get(name)
+        stop = min(stop, info.shape[0])
+        start = min(start, stop)
+        if name in self._scales or info.shard in self._pickled:  # dequantized by block, or already mapped in memory
+            return self.get(name)[start:stop]
+        self.require_unquantized()
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0  # safetensors stores rows contiguously
+        rows = TensorInfo(name, info.shard, info.dtype, (stop - start, *info.shape[1:]), info.start + start * row,
+                          info.start + stop * row)
+        return self._read(rows)
+
     def _read(self, info: TensorInfo, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor as stored."""
         name = info.name

@@ -1,4 +1,5 @@
-"""`lrs train`: a small, resumable training loop for any lrs adapter, single process or under torchrun.
+"""`lrs train`: a small, resumable training loop for any lrs adapter, single process or under torchrun (DDP, or
+FSDP2 with `shard`: see sharding.py).
 
 Read top to bottom: the settings of a run (TrainConfig), then `train`: set up the process group, load data,
 base and adapter; then for each optimizer step, run `grad_accum` micro-batches (each rank takes its slice of
@@ -16,8 +17,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,10 @@ from .checkpoint import (Checkpoint, atomic_output, check_output, claim_output, 
                          save_tensors)
 from .config import Field, check_fields
 from .data import IGNORE, Dataset, collate, load_dataset, read_jsonl, step_indices
-from .device import resolve_device
+from .device import local_part, resolve_device, whole
 from .errors import LrsError, warn
 from .initialize import check_seed
+from .sharding import load_sharded, shard_optimizer_state
 
 STATE_DIR = ".trainer"  # hidden: `lrs push OUT` uploads the adapter, metrics and plot, not optimizer state
 METRICS = "metrics.jsonl"
@@ -83,6 +85,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu or cuda
     cola_strategy: str | None = None  # the strategy of an original-code CoLA adapter (see load_adapter)
     allow_pickle: bool = False  # read a pickled base checkpoint (torch.load weights_only=True)
+    shard: bool = False  # FSDP2 under torchrun: each process holds, and reads, 1/world of the base and adapter
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -129,14 +132,14 @@ def train(adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: s
     config = replace(config, **settings)
     out = Path(out)
     _check_out(out, config, inputs=(adapter, base, data, config.eval_data))
-    ctx = _setup_distributed(config.device)
+    ctx = _setup_distributed(config.device, config.shard)
     try:
         with claim_output(out, config.force or config.resume) if ctx.main else nullcontext():
             return _loop(_prepare(ctx, adapter, base, data, out, config), on_log)
     except KeyboardInterrupt as exc:
         raise exc if exc.args else _interrupted(out) from None
     finally:
-        if ctx.world > 1:
+        if ctx.owns_group:
             torch.distributed.destroy_process_group()
 
 
@@ -158,6 +161,8 @@ class Context:
     rank: int
     world: int
     device: torch.device
+    shard: bool = False  # the model is sharded over the processes (FSDP2), not replicated (DDP)
+    owns_group: bool = False  # this run set up the process group, so it ends it
 
     @property
     def main(self) -> bool:
@@ -182,8 +187,8 @@ class Run:
     config: TrainConfig  # its steps and warmup settled for the data
     out: Path
     adapter: Adapter  # the adapter trained from: checkpoints write its config with the trained weights
-    model: nn.Module  # the base with the adapter attached
-    engine: nn.Module  # the model, or DistributedDataParallel around it under torchrun
+    model: nn.Module  # the base with the adapter attached (sharded with --shard)
+    engine: nn.Module  # the model, or DistributedDataParallel around it under torchrun without --shard
     trainable: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     train_set: Dataset
@@ -230,7 +235,7 @@ def _optimizer_step(run: Run, step: int) -> dict[str, Any]:
     indices = step_indices(len(run.train_set), step, config.global_batch, config.seed)
     loss, tokens = train_step(run.engine, [run.train_set.examples[i] for i in indices], config.batch_size, run.pad_id,
                               run.ctx)
-    grad_norm = float(nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm))
+    grad_norm = float(whole(nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm)))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise LrsError(f"loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; stopped, {_kept(run)}")
     run.optimizer.step()
@@ -258,7 +263,8 @@ def _log(run: Run, record: dict[str, Any], on_log: Callable[[dict[str, Any]], No
 
 def _checkpoint(run: Run, step: int) -> None:
     """Save step `step` in OUT, unless the adapter's parameters stopped being finite."""
-    if not all(bool(torch.isfinite(p).all()) for p in run.trainable):  # a finite loss can precede them
+    nonfinite = sum(not bool(torch.isfinite(local_part(p)).all()) for p in run.trainable)
+    if run.ctx.all_sum(nonfinite)[0]:  # a finite loss can precede them; every process must stop alike
         raise LrsError(f"adapter parameters hold NaN or Inf after step {step} (learning rate or weight "
                        f"decay too large?); stopped, {_kept(run)}")
     save_checkpoint(run, step, keep_others=run.config.resume or run.saved > 0)
@@ -280,8 +286,13 @@ def _kept(run: Run) -> str:
 
 
 # ---------------------------------------------------------------------------- setup
-def _setup_distributed(device: str) -> Context:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+SHARD_ALONE = ("--shard without torchrun: one process holds the whole model (start it with torchrun --nproc_per_node N "
+               "--no-python lrs train ... --shard to shard it over N processes)")
+
+
+def _setup_distributed(device: str, shard: bool = False) -> Context:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA), unless the caller has
+    set one up; `shard` without torchrun runs in a process group of one (`_prepare` says so)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device not in ("auto", "cpu", "cuda"):  # the GPU is the process's own (LOCAL_RANK), not a cuda:N
@@ -291,11 +302,20 @@ def _setup_distributed(device: str) -> Context:
         raise LrsError(f"process {local} on this node needs its own GPU but {torch.cuda.device_count()} are visible: "
                        "start at most that many processes per node (torchrun --nproc_per_node), or use --device cpu")
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if world > 1:
+    owns_group = (world > 1 or shard) and not torch.distributed.is_initialized()
+    if owns_group:
         if cuda:
             torch.cuda.set_device(dev)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return Context(rank, world, dev)
+        backend = "nccl" if cuda else "gloo"
+        if world > 1 or _under_torchrun():
+            torch.distributed.init_process_group(backend)
+        else:  # --shard alone: a group of one, in this process's memory
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    return Context(rank, world, dev, shard, owns_group)
+
+
+def _under_torchrun() -> bool:
+    return "MASTER_ADDR" in os.environ  # set by torchrun's rendezvous
 
 
 def _prepare(ctx: Context, adapter: str | os.PathLike | Adapter, base: str | os.PathLike, data: str | os.PathLike,
@@ -314,18 +334,35 @@ def _prepare(ctx: Context, adapter: str | os.PathLike | Adapter, base: str | os.
     if config.grad_checkpointing and start_adapter.method.draws_in_forward:
         raise LrsError(f"this {start_adapter.config.method} adapter draws at random in every training forward, which "
                        f"--grad-checkpointing would recompute differently; train it without --grad-checkpointing")
-    model = load_model(ckpt.path, start_adapter, ctx, config.grad_checkpointing)
+    if ctx.shard:
+        model = engine = load_sharded(ckpt, start_adapter, ctx.device, config.grad_checkpointing)
+        if not _under_torchrun():  # once the input is known good: a refusal stays one line
+            warn(SHARD_ALONE)
+    else:
+        model = load_model(ckpt.path, start_adapter, ctx, config.grad_checkpointing)
+        engine = _wrap(model, ctx)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise LrsError("the adapter has no trainable parameters")
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     if resumed is not None:
+        if ctx.shard:  # checkpoints hold the whole state, whatever the run that wrote them: keep this process's rows
+            resumed.optimizer = shard_optimizer_state(resumed.optimizer, trainable)
+        _note_world_change(resumed, ctx, start_adapter)
         start, records = restore(resumed, out, optimizer, checkpoint_settings(config, train_set), ctx)
     else:
         start, records = 0, []
         torch.manual_seed(config.seed + ctx.rank)  # dropout streams; a resumed run restores them instead
-    return Run(ctx, config, out, start_adapter, model, _wrap(model, ctx), trainable, optimizer, train_set, eval_set,
+    return Run(ctx, config, out, start_adapter, model, engine, trainable, optimizer, train_set, eval_set,
                _pad_id(tokenizer), pyplot(), start, records, saved=start)
+
+
+def _note_world_change(resumed: ResumeState, ctx: Context, adapter: Adapter) -> None:
+    """Warn when a checkpoint resumes on another number of processes and dropout draws: each process's dropout
+    stream is its own, so the continuation is a valid run but not the one the checkpoint's run would have made."""
+    if resumed.world_size not in (None, ctx.world) and adapter.config.dropout > 0 and ctx.main:
+        warn(f"resuming a checkpoint of {resumed.world_size} process(es) on {ctx.world}: training continues, but with "
+             "other dropout draws than the checkpoint's run would have made")
 
 
 def _start_adapter(adapter: str | os.PathLike | Adapter, out: Path, config: TrainConfig) -> Adapter:
@@ -428,7 +465,7 @@ def train_step(engine: nn.Module, examples: list, batch_size: int, pad_id: int, 
         mine = chunk[ctx.rank::ctx.world]
         batch = collate(mine, pad_id)
         sync = i == len(micro) - 1 or ctx.world == 1
-        with nullcontext() if sync else engine.no_sync():
+        with nullcontext() if sync else _accumulating(engine):
             loss = token_loss_sum(engine, batch, ctx)
             (loss * (ctx.world / n_targets)).backward()
         loss_sum += loss.item()
@@ -437,16 +474,35 @@ def train_step(engine: nn.Module, examples: list, batch_size: int, pad_id: int, 
     return loss_sum / n_targets, tokens
 
 
+@contextmanager
+def _accumulating(engine: nn.Module) -> Iterator[None]:
+    """Gradients of a micro-batch that is not the step's last stay in this process: one reduction per step."""
+    if hasattr(engine, "set_requires_gradient_sync"):  # FSDP2
+        engine.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            engine.set_requires_gradient_sync(True)
+    else:
+        with engine.no_sync():
+            yield
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, data: Dataset, batch_size: int, pad_id: int, ctx: Context) -> float:
     """Mean loss per target token over the evaluation set (sharded over processes)."""
     model.eval()
     mine = data.examples[ctx.rank::ctx.world]
+    # a sharded model's forward is collective: every process runs as many, those out of examples on a stand-in
+    batches = math.ceil(math.ceil(len(data.examples) / ctx.world) / batch_size) if ctx.shard else \
+        math.ceil(len(mine) / batch_size)
     loss = targets = 0.0
-    for i in range(0, len(mine), batch_size):
+    for i in range(0, batches * batch_size, batch_size):
         chunk = mine[i:i + batch_size]
-        loss += token_loss_sum(model, collate(chunk, pad_id), ctx).item()
-        targets += sum(e.targets() for e in chunk)
+        batch_loss = token_loss_sum(model, collate(chunk or data.examples[:1], pad_id), ctx).item()
+        if chunk:
+            loss += batch_loss
+            targets += sum(e.targets() for e in chunk)
     model.train()
     loss, targets = ctx.all_sum(loss, targets)
     return loss / targets
@@ -461,14 +517,16 @@ def checkpoint_settings(config: TrainConfig, train_set: Dataset) -> dict[str, An
 def save_checkpoint(run: Run, step: int, keep_others: bool) -> None:
     """Rewrite OUT atomically: adapter files, metrics, plot, card and the state needed to resume.
     keep_others: keep what else OUT holds (else OUT is replaced whole, as --force asks of a new run)."""
-    rng = _gather_rng(run.ctx)  # every process takes part
-    if not run.ctx.main:
-        return
-    trained = Adapter(run.adapter.config, trained_weights(run.model))
-    with atomic_output(run.out, force=True, replaces=OUTPUTS if keep_others else None) as tmp:
-        _write_adapter_and_metrics(tmp, trained, run.records, run.plt)
-        _write_trainer_state(tmp / STATE_DIR, run.optimizer, rng, step, checkpoint_settings(run.config, run.train_set),
-                             run.ctx.world)
+    rng = _gather_rng(run.ctx)  # every process takes part, also in gathering a sharded adapter and optimizer state
+    weights, optimizer = trained_weights(run.model), _optimizer_tensors(run.optimizer)
+    if run.ctx.main:
+        trained = Adapter(run.adapter.config, weights)
+        with atomic_output(run.out, force=True, replaces=OUTPUTS if keep_others else None) as tmp:
+            _write_adapter_and_metrics(tmp, trained, run.records, run.plt)
+            _write_trainer_state(tmp / STATE_DIR, optimizer, rng, step, checkpoint_settings(run.config, run.train_set),
+                                 run.ctx.world)
+    if run.ctx.world > 1:  # no process runs on before the checkpoint is in place: one that dies after cannot undo it
+        torch.distributed.barrier()
 
 
 def _write_adapter_and_metrics(directory: Path, trained: Adapter, records: list[dict], plt: Any) -> None:
@@ -481,10 +539,11 @@ def _write_adapter_and_metrics(directory: Path, trained: Adapter, records: list[
     write_adapter_files(trained, directory, adapter_card(trained, metrics=read_metrics(directory), images=images))
 
 
-def _write_trainer_state(state: Path, optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor], step: int,
-                         settings: dict[str, Any], world: int) -> None:
-    """The `.trainer/` directory: optimizer tensors, every process's RNG state, and state.json."""
-    tensors, groups = _optimizer_tensors(optimizer)
+def _write_trainer_state(state: Path, optimizer: tuple[dict[str, torch.Tensor], list[dict]],
+                         rng: dict[str, torch.Tensor], step: int, settings: dict[str, Any], world: int) -> None:
+    """The `.trainer/` directory: the optimizer's tensors and groups (`_optimizer_tensors`), every process's RNG
+    state, and state.json."""
+    tensors, groups = optimizer
     state.mkdir()
     save_tensors({k: t.reshape(t.shape or (1,)) for k, t in tensors.items()}, state / "optimizer.safetensors")
     save_tensors(rng, state / "rng.safetensors")
@@ -494,9 +553,11 @@ def _write_trainer_state(state: Path, optimizer: torch.optim.Optimizer, rng: dic
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """The optimizer state as flat `<param index>.<name>` tensors plus its JSON-able parameter groups."""
+    """The optimizer state as flat `<param index>.<name>` tensors plus its JSON-able parameter groups; sharded
+    tensors gathered whole, so that any number of processes, sharded or not, can resume from them (collective)."""
     sd = optimizer.state_dict()
-    tensors = {f"{i}.{name}": torch.as_tensor(v).detach().cpu() for i, s in sd["state"].items() for name, v in s.items()}
+    tensors = {f"{i}.{name}": whole(torch.as_tensor(v).detach()).cpu() for i, s in sd["state"].items()
+               for name, v in s.items()}
     return tensors, sd["param_groups"]
 
 
@@ -521,6 +582,7 @@ class ResumeState:
     optimizer: dict[str, Any]  # torch's Optimizer.state_dict() layout
     rng: dict[str, torch.Tensor]
     records: list[dict[str, Any]]
+    world_size: int | None  # the processes that wrote it (None: not recorded)
 
 
 STATE_FIELDS: dict[str, Field] = {  # state.json, as save_checkpoint writes it
@@ -544,8 +606,10 @@ def read_resume_state(out: Path) -> ResumeState:
                  f"{state_dir / 'state.json'}: malformed or missing ")
     per_param = _read_optimizer_tensors(state_dir / "optimizer.safetensors", state["scalars"])
     records = _read_records(out / METRICS)
+    world = state.get("world_size")
     return ResumeState(state["step"], state["settings"], {"state": per_param, "param_groups": state["param_groups"]},
-                       _read_rng(state_dir / "rng.safetensors"), [r for r in records if r["step"] <= state["step"]])
+                       _read_rng(state_dir / "rng.safetensors"), [r for r in records if r["step"] <= state["step"]],
+                       world if type(world) is int else None)
 
 
 def _read_optimizer_tensors(path: Path, scalars: list[str]) -> dict[int, dict[str, torch.Tensor]]:
@@ -672,5 +736,5 @@ def summarize(run: Run, seconds: float) -> dict[str, Any]:
             "truncated": run.train_set.truncated, "dropped": run.train_set.dropped,
             "eval_examples": len(run.eval_set) if run.eval_set else None, "loss": last("loss"),
             "eval_loss": last("eval_loss"), "trainable_parameters": sum(p.numel() for p in run.trainable),
-            "processes": run.ctx.world, "seconds": round(seconds, 2),
+            "processes": run.ctx.world, "shard": run.ctx.shard, "seconds": round(seconds, 2),
             "tokens_per_s": round(sum(r["tokens_per_s"] for r in ran) / len(ran), 1) if ran else None}

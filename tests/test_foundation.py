@@ -31,6 +31,24 @@ def test_lazy_reader_matches_safetensors(tiny_models):
             assert torch.equal(ckpt.get(name), tensor)
 
 
+def test_a_row_range_is_read_alone(tiny_models, build_model, pickled_copy, tmp_path):
+    """get_rows(name, start, stop) is rows start:stop (clipped) of a tensor, what one process of `lrs train --shard`
+    keeps, read without the other rows' bytes; from float32, bf16 and pickled checkpoints."""
+    llama = tiny_models["llama"]
+    bf16 = build_model("llama", tmp_path / "bf16", dtype=torch.bfloat16)
+    pickled = pickled_copy(llama, tmp_path / "pickled")
+    for ckpt in (lrs.Checkpoint(llama), lrs.Checkpoint(bf16), lrs.Checkpoint(pickled, allow_pickle=True)):
+        for name in ckpt.names():
+            full = ckpt.get(name)
+            for start, stop in ((0, 1), (1, 3), (2, 2), (len(full) - 1, len(full) + 5), (9999, 10000)):
+                assert torch.equal(ckpt.get_rows(name, start, stop), full[start:stop]), (ckpt, name, start, stop)
+    ckpt, read = lrs.Checkpoint(llama), []
+    real = ckpt._read
+    ckpt._read = lambda info, buffer=None: read.append(info.nbytes) or real(info, buffer)
+    rows = ckpt.get_rows("model.embed_tokens.weight", 10, 13)
+    assert rows.shape == (3, 64) and read == [3 * 64 * 4]
+
+
 def test_single_file_checkpoint(tmp_path):
     tensors = {"a.weight": torch.randn(3, 4), "b": torch.arange(5)}
     save_file(tensors, tmp_path / "one.safetensors")

@@ -18,7 +18,7 @@ LAYERS = [
     {"kernels", "methods"},
     {"adapter"},
     {"formats.common", "formats.kohya", "formats.mlx", "initialize", "attach", "merge", "convert", "extract",
-     "inspect", "hub", "train"},
+     "inspect", "hub", "sharding", "train"},
     {"cli", ""},  # "": the package itself, which gathers the public API
 ]
 

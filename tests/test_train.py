@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,18 @@ def test_every_method_trains_only_its_trainable_parameters(method_case, chat_mod
             assert torch.equal(after[path][name], before) == (name in frozen), f"{method} {path}.{name}"
 
 
+@pytest.mark.method_cases("lora", "cola")
+def test_micro_batches_split_a_step_without_changing_it(method_case, setup, recipe, tmp_path):
+    """A step is the same however its batch is split into micro-batches; for CoLA too, whose A's once shared one
+    gradient tensor (the backward of a stacked sum), which clipping then scaled and accumulation added to once per A."""
+    method, _, options = recipe(method_case, setup["base"])
+    start = lrs.init_adapter(method, setup["base"], r=4, seed=2, targets="all-linear", options=options)
+    args = dict(steps=3, lr=1e-2, seq_len=32, save_every=10, max_grad_norm=1.0)  # the gradient norms are above 1
+    train(start, setup["base"], setup["data"], tmp_path / "whole", batch_size=4, **args)
+    train(start, setup["base"], setup["data"], tmp_path / "split", batch_size=2, grad_accum=2, **args)
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+
+
 # ---------------------------------------------------------------------------- torchrun
 DDP_SCRIPT = """
 import sys
@@ -231,6 +244,187 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
         for n in a.weights[m]:
             torch.testing.assert_close(a.weights[m][n], b.weights[m][n], rtol=1e-3, atol=1e-5)
     assert json.loads((tmp_path / "ddp" / STATE_DIR / "state.json").read_text())["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------- --shard (FSDP2)
+SHARD_ARGS = dict(steps=4, lr=1e-2, batch_size=4, grad_accum=2, seq_len=32, save_every=2, eval_every=4, device="cpu")
+SHARD_CASES = ("lora", "fossil", "fossil-bat", "cola-random", "pissa", "cora")  # fossil: balance at r 5, uneven shards
+
+SHARD_SCRIPT = """
+import json, os, sys
+import torch
+from lowrank_surgery import checkpoint, train as train_module
+
+spec = json.loads(open(sys.argv[1]).read())
+torch.distributed.init_process_group("gloo")  # one group for all the runs, which use it as they find it
+read = []
+real_read = checkpoint.Checkpoint._read
+
+
+def counted(self, info, buffer=None):  # the bytes of the base this process reads (not those of the adapter)
+    if os.path.samefile(info.shard.parent, spec["base"]):
+        read.append(info.nbytes)
+    return real_read(self, info, buffer)
+
+
+checkpoint.Checkpoint._read = counted
+if spec["kill"]:  # process 1 dies in the forward of step 3 (two micro-batches a step)
+    real_loss, calls = train_module.token_loss_sum, []
+
+    def dying(*args):
+        calls.append(torch.is_grad_enabled())  # training forwards, not evaluation's
+        if os.environ["RANK"] == "1" and sum(calls) == 5:
+            os._exit(1)
+        return real_loss(*args)
+
+    train_module.token_loss_sum = dying
+report = []
+for run in spec["runs"]:
+    read.clear()
+    train_module.train(run["adapter"], spec["base"], spec["data"], run["out"], shard=True, resume=run["resume"],
+                       **spec["args"])
+    report.append(sum(read))
+with open(f"{spec['report']}.{os.environ['RANK']}", "w") as f:
+    json.dump(report, f)
+torch.distributed.destroy_process_group()
+"""
+
+
+def run_sharded(root: Path, runs: list[dict], inputs: dict, kill: bool = False) -> tuple[subprocess.CompletedProcess,
+                                                                                      list[list[int]]]:
+    """SHARD_SCRIPT on two processes under torchrun: (the launcher's result, each process's bytes read per run)."""
+    (root / "script.py").write_text(SHARD_SCRIPT)
+    spec = {"base": str(inputs["base"]), "data": str(inputs["data"]),
+            "args": {**SHARD_ARGS, "eval_data": str(inputs["eval"])}, "runs": [{**run, "adapter": str(run["adapter"]), "out": str(run["out"])} for run in runs], "kill": kill,
+            "report": str(root / "read")}
+    (root / "spec.json").write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(root / "script.py"), str(root / "spec.json")]
+    launcher = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and the processes it started, not left behind
+        launcher.communicate()
+        raise
+    res = subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
+    reports = [json.loads((root / f"read.{rank}").read_text()) for rank in (0, 1) if (root / f"read.{rank}").exists()]
+    return res, reports
+
+
+@pytest.fixture(scope="module")
+def shard_inputs(setup, recipe) -> dict:
+    """An adapter of every SHARD_CASES case (all linear modules), an evaluation file the two processes split unevenly
+    (9 examples: 5 and 4, so 2 and 1 micro-batches of 4), and each case trained by one process without --shard."""
+    root = setup["root"] / "shard"
+    root.mkdir()
+    inputs = {"base": setup["base"], "data": setup["data"], "eval": write_jsonl(root / "eval.jsonl", QA[:9]),
+              "adapters": {}, "one": {}}
+    for case in SHARD_CASES:
+        method, r, options = recipe(case, setup["base"])
+        adapter = lrs.init_adapter(method, setup["base"], r=r, seed=3, targets="all-linear", options=options)
+        inputs["adapters"][case] = lrs.save_adapter(adapter, root / "adapters" / case)
+        inputs["one"][case] = root / "one" / case
+        train(inputs["adapters"][case], setup["base"], setup["data"], inputs["one"][case], eval_data=inputs["eval"],
+              **SHARD_ARGS)
+    return inputs
+
+
+def eval_losses(out: Path) -> list[float]:
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [r["eval_loss"] for r in records if "eval_loss" in r]
+
+
+def assert_same_checkpoint(sharded: Path, one: Path) -> None:
+    """The same losses within 1e-5 relative per step, the same adapter and a checkpoint of the same format."""
+    assert losses(sharded) == pytest.approx(losses(one), rel=1e-5) and len(losses(one)) == SHARD_ARGS["steps"]
+    assert eval_losses(sharded) == pytest.approx(eval_losses(one), rel=1e-5)
+    a, b = lrs.load_adapter(sharded), lrs.load_adapter(one)
+    assert a.config == b.config and a.weights.keys() == b.weights.keys()
+    for path in a.weights:
+        for name in a.weights[path]:
+            torch.testing.assert_close(a.weights[path][name], b.weights[path][name], rtol=1e-4, atol=1e-6)
+    states = [lrs.Checkpoint(out / STATE_DIR / "optimizer.safetensors") for out in (sharded, one)]
+    assert {n: i.shape for n, i in states[0].tensors.items()} == {n: i.shape for n, i in states[1].tensors.items()}
+
+
+@pytest.mark.slow
+def test_shard_on_two_processes_matches_one(shard_inputs, setup, tmp_path):
+    """Every method sharded over two processes gives the one-process losses, adapter and checkpoint format; each
+    process reads only its half of the base; a one-process checkpoint resumes sharded, exactly."""
+    cut = tmp_path / "resumed"
+
+    def interrupt(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(shard_inputs["adapters"]["lora"], setup["base"], setup["data"], cut, on_log=interrupt,
+              eval_data=shard_inputs["eval"], **SHARD_ARGS)
+    runs = [{"adapter": shard_inputs["adapters"][case], "out": tmp_path / case, "resume": False}
+            for case in SHARD_CASES] + [{"adapter": cut, "out": cut, "resume": True}]
+    res, reports = run_sharded(tmp_path, runs, shard_inputs)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for case in SHARD_CASES:
+        assert_same_checkpoint(tmp_path / case, shard_inputs["one"][case])
+        assert json.loads((tmp_path / case / STATE_DIR / "state.json").read_text())["world_size"] == 2
+    assert_same_checkpoint(cut, shard_inputs["one"]["lora"])
+    total = sum(info.nbytes for info in lrs.Checkpoint(setup["base"]).tensors.values())
+    for first, second in zip(*reports):  # every byte of the base read once, by one of the two
+        assert first + second == total and max(first, second) < 0.55 * total
+
+
+@pytest.mark.slow
+def test_a_process_dying_mid_step_leaves_the_last_checkpoint(shard_inputs, setup, tmp_path):
+    """Process 1 dies in step 3: OUT keeps step 2 whole, which one process resumes unsharded to the same end."""
+    out = tmp_path / "out"
+    res, _ = run_sharded(tmp_path, [{"adapter": shard_inputs["adapters"]["lora"], "out": out, "resume": False}],
+                         shard_inputs, kill=True)
+    assert res.returncode != 0
+    assert json.loads((out / STATE_DIR / "state.json").read_text())["step"] == 2
+    assert not list(tmp_path.glob(".out.lrs-tmp*"))
+    assert losses(out) == pytest.approx(losses(shard_inputs["one"]["lora"])[:2], rel=1e-5)
+    train(shard_inputs["adapters"]["lora"], setup["base"], setup["data"], out, resume=True,
+          eval_data=shard_inputs["eval"], **SHARD_ARGS)
+    assert_same_checkpoint(out, shard_inputs["one"]["lora"])
+
+
+def test_shard_without_torchrun_runs_as_one_process(lrs, setup, tmp_path):
+    """`lrs train --shard` alone says it shards over nothing, and trains as one process would."""
+    args = [setup["adapter"], "--base", setup["base"], "--data", setup["data"], "--steps", "2", "--batch-size", "4",
+            "--seq-len", "16", "--json"]
+    res = lrs("train", *args, "--out", tmp_path / "sharded", "--shard")
+    assert res.code == 0 and res.stderr == f"warning: {train_module.SHARD_ALONE}\n", res.stderr
+    assert json.loads(res.stdout)["shard"] and not torch.distributed.is_initialized()
+    assert lrs("train", *args, "--out", tmp_path / "plain").code == 0
+    assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+
+
+def test_shard_rows_cut_like_torch_chunk():
+    """The rows each process reads are those FSDP2 keeps there: torch.chunk's pieces, empty past the last."""
+    from lowrank_surgery.sharding import shard_rows
+
+    for rows in range(12):
+        for world in range(1, 5):
+            pieces = [c.tolist() for c in torch.arange(rows).chunk(world)] if rows else []
+            expected = pieces + [[]] * (world - len(pieces))
+            assert [list(range(*shard_rows(rows, rank, world))) for rank in range(world)] == expected
+
+
+def test_resuming_on_another_number_of_processes_warns_of_dropout(setup, tmp_path):
+    adapter = lrs.init_adapter("lora", setup["base"], r=4, seed=1, dropout=0.2)
+    args = dict(steps=2, batch_size=4, seq_len=16, save_every=1)
+
+    def interrupt(record):
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(adapter, setup["base"], setup["data"], tmp_path / "out", on_log=interrupt, **args)
+    _edit_state(tmp_path / "out" / STATE_DIR / "state.json", lambda s: s.update(world_size=2))
+    with pytest.warns(lrs.LrsWarning, match=r"resuming a checkpoint of 2 process\(es\) on 1: training continues"):
+        assert train(adapter, setup["base"], setup["data"], tmp_path / "out", resume=True, **args)["resumed_from"] == 1
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -300,6 +494,8 @@ TRAIN_BAD = {  # expected message -> arguments after `lrs train` (--out a fresh 
     "no usable tokenizer": ["{adapter}", "--base", "{qwen2}", "--data", "{data}"],
     "not a causal language model with its head: BertLMHeadModel needs": [
         "{root}/bert-adapter", "--base", "{root}/bert", "--data", "{data}"],
+    "needs 5 tensor(s) it lacks (e.g. cls.predictions.bias), which would start random (--shard reads": [
+        "{root}/bert-adapter", "--base", "{root}/bert", "--data", "{data}", "--shard"],
     "is a pickled checkpoint; pass --allow-pickle": ["{adapter}", "--base", "{root}/pickled", "--data", "{data}"],
     "--lr must be positive and finite, got nan": ["{adapter}", "--base", "{base}", "--data", "{data}", "--lr", "nan"],
     "--lr must be positive and finite, got inf": ["{adapter}", "--base", "{base}", "--data", "{data}", "--lr", "inf"],

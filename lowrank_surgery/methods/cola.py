@@ -164,7 +164,9 @@ class CoLA(PissaInit, Method):
         b = torch.stack([params[n] for n in self.b_names])  # N × out × r
         c = coefficients.to(b.device, b.dtype)
         if bool((c == c[0]).all()):
-            return torch.einsum("j,jor->or", c[0], b), a.sum(0)
+            # Σ_i A_i added up, not a.sum(0): the backward of a stacked sum hands every A_i a view of one gradient,
+            # which clipping (in place) would then scale, and accumulation add to, once per A_i
+            return torch.einsum("j,jor->or", c[0], b), sum(params[n] for n in self.a_names)
         sums = torch.einsum("ij,jor->ior", c, b)  # M × out × r
         return torch.cat(list(sums), 1), a.reshape(-1, a.shape[-1])
 
