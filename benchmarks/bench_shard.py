@@ -88,21 +88,13 @@ def measure(args: argparse.Namespace, how: str, work: Path, adapter: Path, data:
 
 
 def write_base(base: Path, args: argparse.Namespace) -> None:
-    """The random checkpoint (weights N(0, 0.02), norms 1) with the test suite's character tokenizer."""
-    import torch
-    from make_llama import llama_config, tensor_plan
+    """The random checkpoint (make_llama's, weights N(0, 0.02), norms 1) with the test suite's character tokenizer."""
+    from make_llama import generate
     from tiny_tokenizer import char_tokenizer
 
-    from lowrank_surgery.checkpoint import atomic_output, write_sharded
-
-    cfg = llama_config(args.layers, hidden=args.hidden, mlp=args.mlp, heads=args.hidden // 64,
-                       kv_heads=args.hidden // 256, vocab=args.vocab)
-    gen = torch.Generator().manual_seed(0)
-    with atomic_output(base) as tmp:
-        write_sharded(tmp, tensor_plan(cfg, torch.bfloat16), lambda t: torch.ones(t.shape) if len(t.shape) == 1
-                      else torch.randn(t.shape, generator=gen) * 0.02, "100MB", always_index=True)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        char_tokenizer().save_pretrained(tmp)
+    generate(base, layers=args.layers, max_shard_size="100MB", hidden=args.hidden, mlp=args.mlp,
+             heads=args.hidden // 64, kv_heads=args.hidden // 256, vocab=args.vocab)
+    char_tokenizer().save_pretrained(base)
 
 
 def make_inputs(args: argparse.Namespace, work: Path) -> tuple[Path, Path, dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import warnings
 
@@ -11,13 +10,13 @@ from typer.core import TyperGroup
 
 from lowrank_surgery import progress
 from lowrank_surgery.checkpoint import interrupts_raised
+from lowrank_surgery.device import return_freed_memory
 from lowrank_surgery.errors import LrsError, LrsWarning
 
 from . import adapters, convert, inspect, merge, push, subspace, train  # noqa: F401  (commands register themselves on import)
 from .base import STATE, app, warn
 
 GLOBAL_FLAGS = ("--debug", "--quiet")
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
 
 
 @app.callback()
@@ -30,7 +29,7 @@ def _global(
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: user errors print one line on stderr and exit 1 (tracebacks only with --debug)."""
-    _return_freed_memory()
+    return_freed_memory()  # before any tensor: the CLI's peak memory follows the largest tensor
     lrs = typer.main.get_group(app)
     args, flags = split_global_flags(lrs, list(sys.argv[1:] if argv is None else argv))
     for flag in GLOBAL_FLAGS:
@@ -52,19 +51,6 @@ def main(argv: list[str] | None = None) -> None:
         if interrupt is None:
             raise
         _fail(interrupt, str(interrupt) or "interrupted; nothing was written", code=130)  # train names its checkpoint
-
-
-def _return_freed_memory() -> None:
-    """Give every allocation of 1 MiB or more its own mapping, returned to the system when freed.
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, after which weight-sized
-    tensors come from the heap, which fragments and never shrinks: extract-lora's peak RSS then grew by ~30 MB per
-    batch of weights. A fixed threshold keeps the peak at what is live (tests/test_memory.py).
-    """
-    try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 2**20)
-    except (OSError, AttributeError, TypeError):  # not glibc: its allocator has no such ratchet to turn off
-        pass
 
 
 def _interrupt_behind(exc: BaseException | None) -> KeyboardInterrupt | None:

@@ -1,8 +1,9 @@
-"""Where a command computes: the one reading of `--device auto|cpu|cuda` that every command shares, and a tensor as
-one process of a sharded run (`lrs train --shard`) holds it."""
+"""Where a command computes: the one reading of `--device auto|cpu|cuda` that every command shares, a tensor as
+one process of a sharded run (`lrs train --shard`) holds it, and host memory given back when freed."""
 
 from __future__ import annotations
 
+import ctypes
 import sys
 
 import torch
@@ -21,6 +22,24 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LrsError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt setting: blocks from this size up are mapped, and unmapped when freed
+
+
+def return_freed_memory() -> None:
+    """Give every allocation of 1 MiB or more its own mapping, returned to the system when freed (process-wide).
+
+    Once a mapped block is freed glibc raises its mmap threshold (up to 32 MiB), and weight-sized tensors then come
+    from its heap, which fragments between the blocks still live and never shrinks: extract-lora's peak grew by a
+    batch of weights per batch, and each process of `train --shard` on the CPU (FSDP2 frees every layer's gathered
+    weights) to more than the whole model. A fixed threshold keeps the peak at what is live (tests/test_memory.py).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows): no such ratchet to turn off
+        return
+    mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -10,7 +10,6 @@ shards every parameter by rows as torch.chunk cuts it: process k of n keeps rows
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,11 +21,10 @@ from torch import nn
 from .adapter import Adapter
 from .attach import adapter_layers, attach
 from .checkpoint import Checkpoint
-from .device import local_part
+from .device import local_part, return_freed_memory
 from .errors import LrsError
 
 Rows = Callable[[int, int], torch.Tensor]  # rows start:stop of one parameter's full tensor
-M_MMAP_THRESHOLD = -3  # glibc's mallopt setting: blocks from this size up are mapped, and unmapped when freed
 
 
 def shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
@@ -41,9 +39,9 @@ def load_sharded(ckpt: Checkpoint, adapter: Adapter, device: torch.device, grad_
     on the CPU; on CUDA stored in bfloat16, computing in bfloat16 and reducing the adapter's gradients in float32.
 
     On the CPU, over several processes, this sets the process's malloc to give large freed blocks back at once (see
-    _unmap_large_blocks); one process has nothing to save by sharding, and keeps glibc's default."""
+    return_freed_memory in device.py; the CLI sets it for every command)."""
     if device.type == "cpu" and torch.distributed.get_world_size() > 1:
-        _unmap_large_blocks()
+        return_freed_memory()
     model = _empty_model(ckpt, torch.bfloat16 if device.type == "cuda" else torch.float32)
     stored = _stored_names(model, ckpt)
     attach(model, adapter, stored_weight=lambda module: ckpt.get(stored[id(module.weight)]))
@@ -53,18 +51,6 @@ def load_sharded(ckpt: Checkpoint, adapter: Adapter, device: torch.device, grad_
     _shard(model, device)
     _materialise(model, sources, ckpt, device)
     return model.train()
-
-
-def _unmap_large_blocks() -> None:
-    """FSDP2 allocates every layer's gathered weights and frees them again, in each forward and backward. Once one
-    such block is freed, glibc raises its (dynamic) mmap threshold and serves the next ones from its heap, where,
-    between the activations kept for the backward, they fragment: on the CPU a process's memory then grows by about a
-    layer per layer, to more than the whole model. A fixed threshold maps each large block and unmaps it when freed."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS): no such setting
-        return
-    mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
 @contextmanager
