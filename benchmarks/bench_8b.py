@@ -35,7 +35,7 @@ from bench_merge import PEFT_SCRIPT, machine, make_adapters, measure  # noqa: E4
 from make_llama import generate  # noqa: E402
 
 HERE = Path(__file__).parent
-STEPS = ("merge", "subspace", "straightforward", "accuracy", "init", "convert", "peft")
+STEPS = ("subspace", "accuracy", "merge", "init", "convert", "straightforward", "peft")
 QKV = "q_proj,k_proj,v_proj"
 
 
@@ -196,10 +196,10 @@ def main() -> None:
     b = Bench(args.base.resolve(), args.work.resolve(), lrs, args.previous_lrs)
     steps = args.steps.split(",")
     start = time.time()
-    for step, run in (("merge", merge_steps), ("subspace", subspace_steps), ("straightforward", straightforward_step),
+    for step, run in (("subspace", subspace_steps),
                       ("accuracy", lambda b: accuracy_step(b, [int(x) for x in args.accuracy_layers.split(",")])),
-                      ("init", lambda b: init_steps(b, args.init_default_layers)), ("convert", convert_step),
-                      ("peft", peft_step)):
+                      ("merge", merge_steps), ("init", lambda b: init_steps(b, args.init_default_layers)),
+                      ("convert", convert_step), ("straightforward", straightforward_step), ("peft", peft_step)):
         if step in steps:
             run(b)
     print(f"Machine: {machine()}; {time.time() - start:.0f} s\n")

@@ -214,7 +214,7 @@ def _refine_common(q: Tensor, blocks: Callable[[], Iterable[Tensor]], dev: torch
     for w in blocks():
         w64 = w.to(dev, torch.float64)
         parts.append(w64.mT @ q64)
-        total += float(w64.square().sum())
+        total += float(torch.dot(w64.reshape(-1), w64.reshape(-1)))  # no temporary of W's size
     p = torch.linalg.qr(torch.cat(parts)).Q
     y, start = torch.zeros_like(q64), 0
     for w in blocks():
