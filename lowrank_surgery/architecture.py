@@ -7,16 +7,25 @@ layer (`get_output_embeddings()`, which PEFT's `all-linear` leaves out), the che
 weight is stored under (transformers v5 renames some on load, e.g. GPT-NeoX's `embed_out` -> `lm_head`),
 and the tensor a tied weight shares. `layout` is None when transformers cannot build the class (no
 config, remote code, an architecture this transformers does not know): callers then guess from names.
+
+Building the class imports its transformers module (2-4 s for most models), so a layout is kept on disk under
+$LRS_CACHE (default ~/.cache/lowrank-surgery), keyed by the config, the transformers version and this file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
+import os
+import tempfile
 import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,6 +81,61 @@ def untied_copies(config: dict, stored: Collection[str]) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=16)
 def _cached_layout(config_json: str) -> Layout | None:
+    path = _cache_dir() / f"{_cache_key(config_json)}.json"
+    try:
+        return _from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):  # not cached yet, or unreadable: build it again
+        pass
+    found = _built_layout(config_json)
+    _store(path, {"layout": None if found is None else _to_json(found)})
+    return found
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LRS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                "lowrank-surgery")
+    return Path(root) / "layouts"
+
+
+def _cache_key(config_json: str) -> str:
+    """The config, the transformers that builds it and the code that reads it: a change to any is another key."""
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        version = "none"
+    parts = (config_json, version, Path(__file__).read_text())
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _to_json(found: Layout) -> dict[str, Any]:
+    return {"linears": [[lin.path, lin.conv1d, list(lin.names), lin.output] for lin in found.linears],
+            "prefix": found.prefix, "tied": [list(group) for group in found.tied]}
+
+
+def _from_json(data: dict[str, Any]) -> Layout | None:
+    found = data["layout"]
+    if found is None:
+        return None
+    linears = tuple(Linear(str(path), bool(conv1d), tuple(map(str, names)), bool(output))
+                    for path, conv1d, names, output in found["linears"])
+    return Layout(linears, str(found["prefix"]), tuple(tuple(map(str, group)) for group in found["tied"]))
+
+
+def _store(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically; a cache that cannot be written (read-only home) only costs the next run the build."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _built_layout(config_json: str) -> Layout | None:
     model = _skeleton(json.loads(config_json))
     if model is None:
         return None

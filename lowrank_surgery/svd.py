@@ -4,13 +4,12 @@ Algorithms:
 - `exact`: reduced `torch.linalg.svd`, same-shape matrices stacked into one batch.
 - `gram`: the top r + oversample eigenvectors of the smaller Gram matrix (A Aᵀ or AᵀA), formed in float32
   with a symmetric rank-k update (half a matrix product) and solved by LAPACK's MRRR for those vectors only;
-  then one refinement in float64 against A itself: a power step (Aᵀ Q, re-orthonormalised) and Rayleigh-Ritz
-  (a small SVD of A·P) for the singular values and both factors. The float32 Gram alone leaves the basis
-  ~1e-3 (radians) from a float64 SVD on flat LLM spectra; the Ritz step resolves the mixing inside the
-  oversampled space exactly and the power step shrinks the rest by λ_{r+p+1}/λ_r: ~1e-6 rad, captured energy
-  within 1e-14 (benchmarks/bench_svd_engine.py). When λ_r < 1e-4·λ₁ the float32 Gram's rounding (~1e-7·λ₁)
-  would blur the wanted vectors, so the Gram is formed again in float64. Twice as fast as a float64 Gram
-  and eigh: the eigensolver, not the product, dominates, and float32 halves both.
+  then one refinement against A itself: a power step (Aᵀ Q, re-orthonormalised) and Rayleigh-Ritz (a small SVD
+  of A·P) for the singular values and both factors. On flat LLM-like spectra the basis lands ~4e-6 rad from a
+  float64 SVD (a float32 SVD: ~5e-5) and the captured energy within 1e-7 (benchmarks/bench_svd_engine.py,
+  bench_8b.py). When λ_r < 1e-4·λ₁ the float32 Gram's rounding (~1e-7·λ₁) would blur the wanted vectors, so
+  the Gram is formed again in float64. The float64 Gram and its eigh took twice as long: the eigensolver
+  (memory-bound tridiagonalisation), not the product, dominates, and float32 halves both.
 - `randomized`: Halko, Martinsson & Tropp range finder with oversampling and power iterations, each
   re-orthonormalised by QR, followed by the same Rayleigh-Ritz step.
 Signs are fixed so that the largest-magnitude entry of every column of U is positive.
@@ -154,7 +153,8 @@ class GramAccumulator:
             for w in blocks():
                 wide.add(w)
             return wide.result(rank, blocks, oversample)
-        u, s, total = _refine_common(q[0], blocks, self.device)
+        u, s = _refine_common(q[0].to(self.dtype), blocks, self.device)
+        total = float(self.gram.diagonal().double().sum())  # ‖M‖²_F: BLAS sums each diagonal entry to ~1e-8
         u, _ = _fix_signs(u[None, :, :rank], None)
         return u[0].float().cpu(), s[:rank].float().cpu(), _energy(s[:rank], total)
 
@@ -185,18 +185,18 @@ def _batched_svd(a: Tensor, rank: int, algorithm: str, niter: int, oversample: i
 
 
 def _gram_svd(a: Tensor, rank: int, oversample: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top eigenvectors of the smaller Gram (float32 unless `a` is float64), refined in float64 against `a`."""
+    """Top eigenvectors of the smaller Gram, then a power step and Rayleigh-Ritz against `a`, in `a`'s precision."""
     m, n = a.shape[-2:]
     left = m <= n
     gram = torch.stack([gram_matrix(x, left) for x in a])
     vals, q = _top_eigh(gram, min(rank + oversample, m, n))
     if a.dtype != torch.float64 and any(_blurred(v, rank) for v in vals):
         return _gram_svd(a.double(), rank, oversample)
-    a64, q = a.double(), q.to(a.device, torch.float64)
+    q = q.to(a.device, a.dtype)
     if left:  # Q spans the column space: a power step to the row space, then Rayleigh-Ritz there
-        u, s, vh = _ritz_right(a64, torch.linalg.qr(a64.mT @ q).Q)
+        u, s, vh = _ritz_right(a, torch.linalg.qr(a.mT @ q).Q)
     else:
-        u, s, vh = _ritz_left(torch.linalg.qr(a64 @ q).Q, a64)
+        u, s, vh = _ritz_left(torch.linalg.qr(a @ q).Q, a)
     return u[..., :rank], s[..., :rank], vh[..., :rank, :]
 
 
@@ -205,23 +205,17 @@ def _blurred(vals: Tensor, rank: int) -> bool:
     return bool(vals[rank - 1] < FLOAT32_RESOLVES * vals[0])
 
 
-def _refine_common(q: Tensor, blocks: Callable[[], Iterable[Tensor]], dev: torch.device
-                   ) -> tuple[Tensor, Tensor, float]:
-    """One power step and Rayleigh-Ritz in float64 on M = [W_1|W_2|…] from a start basis Q (out × k): P spans
-    MᵀQ, U and S come from the SVD of M P = Σ W_k P_k. Returns (U, S, ‖M‖²_F), reading the blocks twice."""
-    q64 = q.to(dev, torch.float64)
-    parts, total = [], 0.0
+def _refine_common(q: Tensor, blocks: Callable[[], Iterable[Tensor]], dev: torch.device) -> tuple[Tensor, Tensor]:
+    """One power step and Rayleigh-Ritz on M = [W_1|W_2|…] from a start basis Q (out × k), in Q's precision: P spans
+    MᵀQ, U and S come from the SVD of M P = Σ W_k P_k. Reads the blocks twice."""
+    q = q.to(dev)
+    p = torch.linalg.qr(torch.cat([w.to(dev, q.dtype).mT @ q for w in blocks()])).Q
+    y, start = torch.zeros_like(q), 0
     for w in blocks():
-        w64 = w.to(dev, torch.float64)
-        parts.append(w64.mT @ q64)
-        total += float(torch.dot(w64.reshape(-1), w64.reshape(-1)))  # no temporary of W's size
-    p = torch.linalg.qr(torch.cat(parts)).Q
-    y, start = torch.zeros_like(q64), 0
-    for w in blocks():
-        y.addmm_(w.to(dev, torch.float64), p[start:start + w.shape[1]])
+        y.addmm_(w.to(dev, q.dtype), p[start:start + w.shape[1]])
         start += w.shape[1]
-    u, s, _ = reduced_svd(y)
-    return u, s, total
+    u, s, _ = reduced_svd(y.double())  # out × k, in float64 as _small_svd
+    return u, s
 
 
 def _randomized_svd(a: Tensor, rank: int, niter: int, oversample: int, gen: torch.Generator
@@ -269,14 +263,21 @@ def _top_eigh(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def _ritz_left(q: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of A restricted to the column space of Q (orthonormal, m×k): A ≈ Q Qᵀ A."""
-    ub, s, vh = reduced_svd(q.mT @ a)
+    ub, s, vh = _small_svd(q.mT @ a)
     return q @ ub, s, vh
 
 
 def _ritz_right(a: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of A restricted to the row space of Q (orthonormal, n×k): A ≈ A Q Qᵀ."""
-    u, s, vhb = reduced_svd(a @ q)
+    u, s, vhb = _small_svd(a @ q)
     return u, s, vhb @ q.mT
+
+
+def _small_svd(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The SVD of a k-wide projection in float64, back in its dtype: its top singular values are close, and a
+    float32 SVD would mix their vectors by ~1e-7·σ₁/(σ_i − σ_{i+1})."""
+    u, s, vh = reduced_svd(b.double())
+    return u.to(b.dtype), s.to(b.dtype), vh.to(b.dtype)
 
 
 def _fix_signs(u: Tensor, vh: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["LRS_CACHE"] = tempfile.mkdtemp(prefix="lrs-test-cache-")  # architecture layouts: never the user's cache
 
 import lowrank_surgery  # noqa: E402  (after the settings above, which huggingface_hub reads on import)
 from tiny_tokenizer import char_tokenizer as _char_tokenizer  # noqa: E402  (a module: .ci/tiny_llama.py uses it too)

@@ -9,6 +9,9 @@ renames on load (GPT-NeoX's `embed_out` -> `lm_head`, LLaVA's `language_model.mo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,3 +256,40 @@ def test_shared_tiny_models_select_as_their_names_say(tiny_models):
         ckpt = lrs.Checkpoint(tiny_models[arch])
         chosen = [t.path for t in lrs.select_targets(ckpt, "all-linear")]
         assert chosen == [t.path for t in guessed_targets(ckpt) if not t.output] and len(chosen) == count
+
+
+LAYOUT_IN_A_FRESH_PROCESS = """
+import json, sys
+from lowrank_surgery.architecture import layout, _to_json
+found = layout(json.load(open(sys.argv[1])))
+print(json.dumps({"layout": _to_json(found), "built": "transformers.models.gpt2.modeling_gpt2" in sys.modules}))
+"""
+
+
+def test_layouts_are_cached_on_disk_and_rebuilt_when_unreadable(tiny_models, tmp_path, monkeypatch):
+    """The second process reads the layout from $LRS_CACHE without importing the model's transformers module; a
+    corrupt entry is rebuilt; another transformers version is another entry."""
+    from lowrank_surgery import architecture
+
+    cache = tmp_path / "cache"
+    config = tiny_models["gpt2"] / "config.json"
+
+    def fresh() -> dict:
+        res = subprocess.run([sys.executable, "-c", LAYOUT_IN_A_FRESH_PROCESS, str(config)], capture_output=True,
+                             text=True, env={**os.environ, "LRS_CACHE": str(cache)})
+        assert res.returncode == 0, res.stderr[-2000:]
+        return json.loads(res.stdout)
+
+    first, second = fresh(), fresh()
+    assert first["built"] and not second["built"]
+    assert first["layout"] == second["layout"] and any(lin[1] for lin in first["layout"]["linears"])  # Conv1D kept
+    entries = list((cache / "layouts").glob("*.json"))
+    assert len(entries) == 1
+    entries[0].write_text('{"layout": {"linears": [["x"]]')
+    rebuilt = fresh()
+    assert rebuilt["built"] and rebuilt["layout"] == first["layout"]
+    monkeypatch.setenv("LRS_CACHE", str(cache))
+    text = json.loads(config.read_text())
+    key = architecture._cache_key(json.dumps(text, sort_keys=True))
+    monkeypatch.setattr(architecture.metadata, "version", lambda name: "0.0.1")
+    assert architecture._cache_key(json.dumps(text, sort_keys=True)) != key

@@ -79,18 +79,19 @@ def largest_angle(u: torch.Tensor, ref: np.ndarray) -> float:
 
 @pytest.mark.parametrize("shape", [(512, 768), (768, 512)])
 def test_gram_matches_a_float64_svd_on_a_flat_spectrum(shape: tuple[int, int]) -> None:
-    """Close top singular values (Gaussian weights): the float32 Gram, refined in float64 against A, lands closer
-    to a float64 SVD than a float32 SVD does; its singular values and captured energy are float64's."""
+    """Close top singular values (Gaussian weights): the float32 Gram, refined against A, lands closer to a float64
+    SVD than a float32 SVD does; its singular values and captured energy are float64's to float32 precision."""
     a, r = flat(*shape), 32
     u64, s64, vh64 = np.linalg.svd(a.double().numpy(), full_matrices=False)
     (u, s, vh), = truncated_svd([a], r, algorithm="gram", device="cpu")
     (ue, _, _), = truncated_svd([a], r, algorithm="exact", device="cpu")
+    float32_svd = largest_angle(ue, u64[:, :r])
     gram_angle = max(largest_angle(u, u64[:, :r]), largest_angle(vh.T, vh64[:r].T))
-    assert gram_angle < 1e-5 and gram_angle < largest_angle(ue, u64[:, :r])
+    assert gram_angle < 1e-5 and gram_angle < float32_svd / 4
     np.testing.assert_allclose(s.numpy(), s64[:r], rtol=1e-6)
     basis, _, energy = common_basis([a[:, :300], a[:, 300:]], r, algorithm="gram", device="cpu")
-    assert largest_angle(basis, u64[:, :r]) < 1e-5
-    assert energy == pytest.approx(float((s64[:r] ** 2).sum() / (s64 ** 2).sum()), abs=1e-12)
+    assert largest_angle(basis, u64[:, :r]) < min(5e-5, float32_svd)
+    assert energy == pytest.approx(float((s64[:r] ** 2).sum() / (s64 ** 2).sum()), abs=1e-7)
 
 
 def test_gram_falls_back_to_float64_below_float32_resolution() -> None:
