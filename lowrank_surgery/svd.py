@@ -117,7 +117,7 @@ def common_basis(blocks: Sequence[Tensor], rank: int, algorithm: str = "gram", n
     else:
         gen = generator if generator is not None else torch.Generator().manual_seed(SEED)
         u, s = _randomized_common(blocks, rank, niter, oversample, dev, gen)
-    total = sum(float(w.to(dev, torch.float64).square().sum()) for w in blocks)
+    total = sum(float(torch.linalg.vector_norm(w.to(dev), dtype=torch.float64)) ** 2 for w in blocks)
     u, _ = _fix_signs(u[None], None)
     return u[0].float().cpu(), s.float().cpu(), _energy(s, total)
 
@@ -239,11 +239,15 @@ def _randomized_common(blocks: Sequence[Tensor], rank: int, niter: int, oversamp
     ws = [w.to(dev, torch.float32) for w in blocks]
     y = sum(w @ torch.randn(w.shape[1], width, generator=gen).to(dev) for w in ws)
     q = torch.linalg.qr(y).Q
+    if sum(w.shape[1] for w in ws) >= 2 * out:  # M is wide: G = M Mᵀ once costs less than 2 products per step
+        gram = sum(w @ w.mT for w in ws)
+        step = lambda q: gram @ q  # noqa: E731
+    else:
+        step = lambda q: sum(w @ (w.mT @ q) for w in ws)  # noqa: E731
     for _ in range(niter):
-        q = torch.linalg.qr(sum(w @ (w.mT @ q) for w in ws)).Q
+        q = torch.linalg.qr(step(q)).Q
     # Qᵀ M Mᵀ Q is width×width: its float64 eigh is the Rayleigh-Ritz step on M.
-    proj = [(q.mT @ w).double() for w in ws]
-    vals, vecs = _top_eigh(sum(p @ p.mT for p in proj)[None], rank)
+    vals, vecs = _top_eigh((q.mT @ step(q)).double()[None], rank)
     return q @ vecs[0].to(q.dtype), vals[0].clamp_min(0).sqrt()
 
 
