@@ -34,7 +34,7 @@ from .checkpoint import Checkpoint, check_output
 from .errors import LrsError, warn
 from .methods import get_method
 from .progress import progress
-from .svd import split_factors, truncated_svd
+from .svd import split_factors, squared_norm, truncated_svd
 from .targets import Target, compact_names, in_batches, load_weight, select_targets
 
 
@@ -213,8 +213,8 @@ def other_changes(ft: Checkpoint, bs: Checkpoint, chosen: Sequence[Target], keep
         before, after = bs.get_finite(name).float(), ft.get_finite(name)
         diff = after.float() - before
         if diff.any():
-            squared = float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
-            scale = float(torch.linalg.vector_norm(before, dtype=torch.float64))
+            squared = squared_norm(diff)
+            scale = math.sqrt(squared_norm(before))
             changes.append(Change(name, squared, math.sqrt(squared) / scale if scale else math.inf))
             if keeps(changes[-1].module):
                 fine_tuned[name] = after
@@ -265,7 +265,7 @@ def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rule: RankRul
         diffs = [(t, load_weight(ft, t) - load_weight(bs, t)) for t in batch]
         diffs = [(t, d) for t, d in diffs if d.any()]
         for (t, d), (u, s, vh) in zip(diffs, _svds([d for _, d in diffs], rule, algorithm, niter, device)):
-            squared = float(d.double().square().sum())
+            squared = squared_norm(d)
             r, capped = rule.choose(s, squared, min(d.shape))
             b, a = split_factors(u[:, :r], s[:r], vh[:r], distribute_scale)
             weights[t.path] = {"lora_A.weight": a, "lora_B.weight": b}

@@ -117,7 +117,7 @@ def common_basis(blocks: Sequence[Tensor], rank: int, algorithm: str = "gram", n
     else:
         gen = generator if generator is not None else torch.Generator().manual_seed(SEED)
         u, s = _randomized_common(blocks, rank, niter, oversample, dev, gen)
-    total = sum(float(torch.linalg.vector_norm(w.to(dev), dtype=torch.float64)) ** 2 for w in blocks)
+    total = sum(squared_norm(w) for w in blocks)
     u, _ = _fix_signs(u[None], None)
     return u[0].float().cpu(), s.float().cpu(), _energy(s, total)
 
@@ -289,6 +289,13 @@ def _fix_signs(u: Tensor, vh: Tensor | None) -> tuple[Tensor, Tensor | None]:
     pick = u.abs().argmax(dim=-2, keepdim=True)
     sign = torch.where(u.gather(-2, pick) < 0, -1.0, 1.0).to(u.dtype)
     return u * sign, None if vh is None else vh * sign.mT
+
+
+def squared_norm(t: Tensor) -> float:
+    """‖t‖²_F accumulated in float64, a block of rows at a time: no float64 copy of a weight-sized tensor."""
+    rows = t.reshape(t.shape[0], -1) if t.ndim > 1 else t.reshape(1, -1)
+    step = max(1, 2**21 // max(1, rows.shape[1]))  # ~16 MB of float64 per block
+    return sum((float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2 for block in rows.split(step)), 0.0)
 
 
 def _energy(s: Tensor, total: float) -> float:
