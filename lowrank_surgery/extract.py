@@ -208,7 +208,7 @@ def other_changes(ft: Checkpoint, bs: Checkpoint, chosen: Sequence[Target], keep
     targeted = {t.source for t in chosen}
     changes, fine_tuned = [], {}
     for name, info in bs.tensors.items():
-        if name in targeted or not info.dtype.is_floating_point or _same_bytes(ft.raw(name), bs.raw(name)):
+        if name in targeted or not info.dtype.is_floating_point or ft.same_stored(bs, name):
             continue
         before, after = bs.get_finite(name).float(), ft.get_finite(name)
         diff = after.float() - before
@@ -219,13 +219,6 @@ def other_changes(ft: Checkpoint, bs: Checkpoint, chosen: Sequence[Target], keep
             if keeps(changes[-1].module):
                 fine_tuned[name] = after
     return changes, fine_tuned
-
-
-def _same_bytes(a: bytes | torch.Tensor, b: bytes | torch.Tensor) -> bool:
-    """Identical stored tensors (most of them, in a fine-tune), known without decoding them."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    return a == b
 
 
 def _dropped_warning(dropped: Sequence[Change]) -> str:
