@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import torch
 
@@ -46,6 +46,7 @@ INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 MAX_HEADER = 100 * 2**20
+T = TypeVar("T")
 # What a Checkpoint does with a quantized checkpoint (config.json with quantization_config), whose stored values are
 # not the weights: refuse to read its tensors (headers and config stay readable: inspect, push, init of a LoRA),
 # refuse it at once (a command that computes with the weights), or dequantize fine-grained fp8 and refuse the rest.
@@ -496,16 +497,22 @@ def plan_of(tensors: Mapping[str, torch.Tensor]) -> list[PlannedTensor]:
 
 
 def plan_shards(tensors: Sequence[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
-    """Split tensors, in order, into shards of at most max_shard_size bytes (a larger tensor gets its own)."""
-    shards: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
+    """Split tensors, in order, into shards of at most max_shard_size bytes (a larger tensor gets its own); no
+    tensors make one empty shard."""
+    return split_by_size(tensors, lambda t: t.nbytes, max_shard_size) or [[]]
+
+
+def split_by_size(items: Iterable[T], size: Callable[[T], int], budget: int) -> list[list[T]]:
+    """Consecutive runs of the items, in order, each of at most `budget` in total size (a larger item alone)."""
+    runs: list[list[T]] = []
+    total = 0
+    for item in items:
+        if not runs or total + size(item) > budget and runs[-1]:
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += size(item)
+    return runs
 
 
 def shard_names(count: int, stem: str = "model") -> list[str]:

@@ -252,7 +252,7 @@ def _extract(ft: Checkpoint, bs: Checkpoint, chosen: list[Target], rule: RankRul
              algorithm: str, niter: int, device: str) -> tuple[dict[str, dict[str, Tensor]], list[dict[str, Any]]]:
     """Batch by batch of the fine-tuned model's targets: differences, batched SVDs, each module's rank, its factors
     and their energy."""
-    batches = list(in_batches(ft, chosen))
+    batches = in_batches(ft, chosen)
     weights, rows = {}, []
     for batch in progress(batches, "extract", total=len(batches), unit="batch"):
         diffs = [(t, load_weight(ft, t) - load_weight(bs, t)) for t in batch]

@@ -76,6 +76,6 @@ def _batches(ckpt: Checkpoint, targets: list[Target], with_weights: bool
     if not with_weights:
         yield targets, None
         return
-    batches = list(in_batches(ckpt, targets))
+    batches = in_batches(ckpt, targets)
     for batch in progress(batches, "init", total=len(batches), unit="batch"):
         yield batch, [load_weight(ckpt, t) for t in batch]

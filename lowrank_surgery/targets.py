@@ -8,13 +8,13 @@ the config's class; otherwise they are guessed from tensor names and shapes (a b
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .architecture import Layout, Linear, layout
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, split_by_size
 from .errors import LrsError
 
 # Model types whose projections are transformers' Conv1D, which stores W transposed (in, out).
@@ -248,20 +248,11 @@ def linear_float32(stored: torch.Tensor, target: Target) -> torch.Tensor:
 BATCH_BYTES = 2**26  # float32 weights read at once: memory follows the largest tensor, not the shard or the model
 
 
-def in_batches(ckpt: Checkpoint, targets: Sequence[Target], budget: int = BATCH_BYTES) -> Iterator[list[Target]]:
+def in_batches(ckpt: Checkpoint, targets: Sequence[Target], budget: int = BATCH_BYTES) -> list[list[Target]]:
     """The targets in file order (shard by shard), in batches whose float32 weights stay within `budget` bytes
     (a larger weight alone); same-shape neighbours share a batch, so batched SVDs still batch."""
     by_shard: dict = {}
     for t in targets:
         by_shard.setdefault(ckpt.info(t.source).shard, []).append(t)
-    batch: list[Target] = []
-    size = 0
-    for t in (t for shard in by_shard.values() for t in shard):
-        need = 4 * t.out_features * t.in_features
-        if batch and size + need > budget:
-            yield batch
-            batch, size = [], 0
-        batch.append(t)
-        size += need
-    if batch:
-        yield batch
+    ordered = [t for shard in by_shard.values() for t in shard]
+    return split_by_size(ordered, lambda t: 4 * t.out_features * t.in_features, budget)
