@@ -11,8 +11,9 @@ wide), and one extra row keeps CoRA frozen at LoRA's rank (half the budget: the 
 is the model's own subspace (`extract-subspace`, one basis per layer). Alpha = rank, dropout 0, AdamW with
 warmup + cosine, batch 8, the same steps for all.
 
-Learning rate: a sweep of LEARNING_RATES on each method's first variant (seed 0, the full run), the lowest final
-val loss wins, and the method's other variants use it. Then every variant runs 3 seeds (seed: the adapter's
+Learning rate: a sweep of LEARNING_RATES (4x apart) on each method's first variant (seed 0, the full run); the
+lowest final val loss wins and the method's other variants use it. When an edge of the grid wins, the sweep tries
+one more 4x step past it (at most twice). Then every variant runs 3 seeds (seed: the adapter's
 random init and the data order). Reported per variant: the final val loss and the test accuracy (exact match of
 the first number greedily generated, which gives the base model every chance) as mean ± std over seeds, the
 median tokens/s and the peak RSS of a run (init + training). Runs go two at a time, one thread each (2 cores), so
@@ -47,6 +48,8 @@ import make_addition  # noqa: E402  (examples/data is not a package)
 TARGETS = "q_proj,k_proj,v_proj"
 BUDGET_RANK = 8  # the budget: LoRA's trainable parameters at this rank
 LEARNING_RATES = (5e-4, 2e-3, 8e-3)
+GRID_STEP = 4  # the sweep's spacing, and how far past an edge it looks when the edge wins
+MAX_EXTENSIONS = 2
 QUICK_LR = 2e-3
 
 
@@ -228,6 +231,28 @@ def study_jobs(args: argparse.Namespace, study: Study, data: dict, ranks: dict, 
     return jobs
 
 
+def sweep_learning_rates(args: argparse.Namespace, study: Study, data: dict, ranks: dict
+                         ) -> tuple[dict[str, float], list[dict]]:
+    """Each method's learning rate: the lowest final val loss of its first variant (seed 0) over LEARNING_RATES,
+    the grid extended by GRID_STEP past an edge that wins, up to MAX_EXTENSIONS times; and the sweep's runs."""
+    grids = {variant.method: list(LEARNING_RATES) for variant in first_variants()}
+    while True:
+        sweep = run_all([job for variant in first_variants() for lr in grids[variant.method]
+                         for job in study_jobs(args, study, data, ranks, {variant.method: lr}, range(1), (variant,))],
+                        args.workers)
+        best = {method: min((r for r in sweep if r["job"]["method"] == method),
+                            key=lambda r: r["eval_loss"])["job"]["lr"] for method in grids}
+        beyond = {method: best[method] / GRID_STEP if best[method] == min(grid) else best[method] * GRID_STEP
+                  for method, grid in grids.items()
+                  if best[method] in (min(grid), max(grid)) and len(grid) < len(LEARNING_RATES) + MAX_EXTENSIONS}
+        print("learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in best.items()) +
+              "".join(f"; {m} won at the grid's edge, trying {lr:g}" for m, lr in beyond.items()), flush=True)
+        if not beyond:
+            return best, sweep
+        for method, lr in beyond.items():
+            grids[method].append(lr)
+
+
 def first_variants() -> tuple[Variant, ...]:
     seen: dict[str, Variant] = {}
     for variant in VARIANTS:
@@ -266,15 +291,8 @@ def main() -> None:
                       "seq_len": study.seq_len, "batch_size": study.batch_size,
                       "dir": str(args.out / "runs" / "base")}], 1)[0]
 
-    lrs_of = {variant.method: QUICK_LR for variant in VARIANTS}
-    sweep: list[dict] = []
-    if study.sweep:
-        sweep = run_all([job for lr in LEARNING_RATES for job in study_jobs(
-            args, study, data, ranks, {m: lr for m in lrs_of}, range(1), first_variants())], args.workers)
-        for method in lrs_of:
-            lrs_of[method] = min((r for r in sweep if r["job"]["method"] == method),
-                                 key=lambda r: r["eval_loss"])["job"]["lr"]
-        print("learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in lrs_of.items()))
+    lrs_of, sweep = sweep_learning_rates(args, study, data, ranks) if study.sweep else \
+        ({variant.method: QUICK_LR for variant in VARIANTS}, [])
     results = run_all(study_jobs(args, study, data, ranks, lrs_of, range(study.seeds), VARIANTS), args.workers)
 
     with open(args.out / "results.jsonl", "w") as f:
@@ -316,13 +334,14 @@ def render(floor: dict, results: list[dict], budget: int, sweep: list[dict], stu
                      f"{statistics.median(r['tokens_per_s'] for r in runs):.0f} | "
                      f"{max(r['peak_rss_mb'] for r in runs):.0f} |")
     if sweep:
+        tried = sorted({r["job"]["lr"] for r in sweep})
         lines += ["", "Learning-rate sweep (seed 0, final val loss / test accuracy):", "",
-                  "| method | " + " | ".join(f"lr {lr:g}" for lr in LEARNING_RATES) + " |",
-                  "|---|" + "---|" * len(LEARNING_RATES)]
-        for key, runs in grouped(sweep).items():
+                  "| method | " + " | ".join(f"lr {lr:g}" for lr in tried) + " |", "|---|" + "---|" * len(tried)]
+        for runs in grouped(sweep).values():
             by_lr = {r["job"]["lr"]: r for r in runs}
-            lines.append(f"| {runs[0]['job']['method']} {runs[0]['job']['variant']} | " + " | ".join(
-                f"{by_lr[lr]['eval_loss']:.3f} / {by_lr[lr]['accuracy']:.1%}" for lr in LEARNING_RATES) + " |")
+            lines.append(f"| {runs[0]['job']['method']} {runs[0]['job']['variant']}".strip() + " | " + " | ".join(
+                f"{by_lr[lr]['eval_loss']:.3f} / {by_lr[lr]['accuracy']:.1%}" if lr in by_lr else ""
+                for lr in tried) + " |")
     return "\n".join(lines) + "\n"
 
 
