@@ -155,9 +155,10 @@ def base_job(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     base = Path(job["base"])
-    val = load_dataset(job["data"]["val"], load_tokenizer(base), job["seq_len"])
+    tokenizer = load_tokenizer(base)
+    val = load_dataset(job["data"]["val"], tokenizer, job["seq_len"])
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    pad_id = load_tokenizer(base).eos_token_id  # padding is masked out of the loss: any id serves
+    pad_id = tokenizer.eos_token_id  # padding is masked out of the loss: any id serves
     loss = evaluate_loss(model, val, job["batch_size"], pad_id, Context(0, 1, torch.device("cpu")))
     return {"trainable": 0, "eval_loss": loss, "accuracy": accuracy(job["base"], None, job["data"]["test"])}
 
@@ -209,6 +210,8 @@ def solve_ranks(base: str, subspace: Path) -> tuple[int, dict[str, tuple[int, in
                 break
             except lrs.LrsError:  # e.g. FOSSIL bat: the rank must divide both dimensions
                 continue
+        if variant.key not in ranks:
+            raise SystemExit(f"{variant.key}: no rank near the budget of {budget:,} parameters fits this model")
     return budget, ranks
 
 
@@ -321,8 +324,8 @@ def grouped(results: list[dict]) -> dict[str, list[dict]]:
 def render(floor: dict, results: list[dict], budget: int, sweep: list[dict], study: Study, seconds: float) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     lines = [f"Budget {budget:,} trainable parameters (LoRA r={BUDGET_RANK} on {TARGETS}); {study.steps} steps of "
-             f"{study.batch_size}; {study.seeds} seed(s); commit {commit.strip() or 'unknown'}; study took "
-             f"{seconds / 60:.0f} min.", "",
+             f"{study.batch_size}; {study.seeds} seed(s); commit {commit.strip() or 'unknown'}; this invocation took "
+             f"{seconds / 60:.0f} min (runs read back from an earlier one not counted).", "",
              "| method | variant | rank | trainable | lr | val loss | test accuracy | tokens/s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| base model | | | 0 | | {floor['eval_loss']:.3f} | {floor['accuracy']:.1%} | | |"]
