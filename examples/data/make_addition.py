@@ -5,7 +5,7 @@
 Writes OUT_DIR/{train,val,test}.jsonl. Every question appears in one split only, so val (where the learning
 rate is chosen) and test (the reported accuracy) hold sums the model never trained on. Prompt and completion
 keep an example at 13 tokens, so a CPU trains hundreds of steps in minutes. SmolLM2-135M-Instruct cannot do it
-(0 of 100 right, in this form or asked in chat); a few hundred LoRA steps teach it a good part of the carrying.
+(0 of 100 right, in this form or asked in chat); 200 LoRA steps (rank 8, q/k/v) get about a third right.
 """
 
 from __future__ import annotations
